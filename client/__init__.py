@@ -1,0 +1,1 @@
+"""The taskdelta Python SDK and command line. Never imports torch."""

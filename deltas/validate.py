@@ -1,0 +1,103 @@
+"""`validate(delta, base)`: refuse a delta that does not fit the loaded base, naming the problem."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Base
+from .errors import DeltaRejected
+from .format import FORMAT_VERSION, SparseTensor, TaskDelta
+from .heads import head_spec
+
+INT32_LIMIT = 2**31
+FLOAT_WIDTH = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
+
+
+def validate(delta: TaskDelta, base: Base) -> None:
+    """Raise `DeltaRejected` on the first problem found; return None if the delta is sound."""
+    check_meta(delta, base)
+    for name, sparse in delta.tensors.items():
+        check_sparse(name, sparse, base)
+    check_heads(delta, base)
+
+
+def check_meta(delta: TaskDelta, base: Base) -> None:
+    meta = delta.meta
+    if meta.format_version != FORMAT_VERSION:
+        raise DeltaRejected(f"format version {meta.format_version} is not supported", "__metadata__")
+    if meta.base_fingerprint != base.fingerprint:
+        raise DeltaRejected(f"made for base {meta.base_fingerprint}, but the loaded base "
+                            f"{base.name!r} is {base.fingerprint}", "__metadata__.base_fingerprint")
+    if meta.kind not in base.kinds:
+        raise DeltaRejected(f"task kind {meta.kind!r} is not served by base {base.name!r} "
+                            f"(it serves {', '.join(base.kinds)})", "__metadata__.kind")
+    if meta.kind == "classify" and len(meta.labels) < 2:
+        raise DeltaRejected("a classify delta needs at least 2 labels", "__metadata__.labels")
+    if len(set(meta.labels)) != len(meta.labels):
+        raise DeltaRejected("labels are not unique", "__metadata__.labels")
+
+
+def check_sparse(name: str, sparse: SparseTensor, base: Base) -> None:
+    canonical = base.canonical(name)
+    if canonical is None:
+        raise DeltaRejected(f"not a tensor of base {base.name!r}", name)
+    if canonical != name:
+        raise DeltaRejected(f"is tied to {canonical!r}; store the delta under that name", name)
+    target = base.params[name]
+    idx, val = sparse.idx, sparse.val
+    want_idx = torch.int64 if target.numel() >= INT32_LIMIT else torch.int32
+    if idx.dtype != want_idx:
+        raise DeltaRejected(f"idx dtype is {idx.dtype}, expected {want_idx} for a tensor of "
+                            f"{target.numel()} entries", name)
+    if val.dtype not in FLOAT_WIDTH or not _at_least_as_wide(val.dtype, target.dtype):
+        raise DeltaRejected(f"val dtype is {val.dtype}; it must be the base dtype {target.dtype} "
+                            "or a wider float", name)
+    if idx.numel() != val.numel():
+        raise DeltaRejected(f"idx has {idx.numel()} entries but val has {val.numel()}", name)
+    if idx.numel() == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0:
+        raise DeltaRejected(f"negative index {lo}", name)
+    if hi >= target.numel():
+        raise DeltaRejected(f"index {hi} out of range for a tensor of {target.numel()} entries "
+                            f"(shape {tuple(target.shape)})", name)
+    steps = idx[1:] - idx[:-1]
+    if steps.numel() and int(steps.min()) <= 0:
+        at = int(torch.nonzero(steps <= 0)[0]) + 1
+        what = "repeated" if int(steps[at - 1]) == 0 else "unsorted"
+        raise DeltaRejected(f"{what} index {int(idx[at])} at position {at} (indices must be "
+                            "strictly increasing)", name)
+    _check_finite(name, val)
+
+
+def check_heads(delta: TaskDelta, base: Base) -> None:
+    spec = head_spec(base, delta.meta.kind, len(delta.meta.labels))
+    for name, t in delta.heads.items():
+        key = "head::" + name
+        if name not in spec:
+            allowed = ", ".join(sorted(spec)) or "none"
+            raise DeltaRejected(f"a {delta.meta.kind!r} task has no head tensor of this name "
+                                f"(expected: {allowed})", key)
+        shape, dtype = spec[name]
+        if tuple(t.shape) != shape:
+            raise DeltaRejected(f"shape {tuple(t.shape)} does not fit the head, expected {shape}", key)
+        if t.dtype not in FLOAT_WIDTH or not _at_least_as_wide(t.dtype, dtype):
+            raise DeltaRejected(f"dtype {t.dtype}; it must be {dtype} or a wider float", key)
+        _check_finite(key, t)
+    missing = sorted(set(spec) - set(delta.heads))
+    if missing:
+        raise DeltaRejected(f"a {delta.meta.kind!r} task needs head tensors {missing}", "head::")
+
+
+def _at_least_as_wide(have: torch.dtype, base: torch.dtype) -> bool:
+    if have == base:
+        return True
+    return FLOAT_WIDTH[have] > FLOAT_WIDTH.get(base, 8)
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    bad = ~torch.isfinite(t.reshape(-1))
+    if bool(bad.any()):
+        at = int(torch.nonzero(bad)[0])
+        raise DeltaRejected(f"non-finite value {float(t.reshape(-1)[at])} at position {at}", name)

@@ -1,0 +1,1 @@
+"""The serving process: HTTP API, store, scheduler, engine."""
