@@ -1,0 +1,192 @@
+"""The engine: owns the base model and its swapper, loads and caches deltas, runs batches.
+
+`execute` runs in the scheduler's single worker thread and is the only code that touches the live
+weights. A task stays swapped in after its batch (the next batch of the same task swaps nothing);
+a batch of another task restores the base first. `load` runs on the event loop: it returns the
+task's decoded delta from the cache, fetching and decoding it (in a helper thread) on a miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from taskdelta.deltas import Base, PreparedDelta, Swapper, TaskDelta, loads, prepare, validate
+
+from .cache import CacheEntry, DeltaCache
+from .errors import BadTaskRequest
+from .inference import classify, embed, generate
+from .jobs import ClassifyJob, EmbedJob, GenerateJob, Job
+from .store import DeltaStore
+
+log = logging.getLogger("taskdelta.engine")
+BASE_TASK = "base"
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """What the engine needs to know about a task to accept a request for it."""
+
+    tenant: str
+    name: str
+    kind: str
+    version: int | None  # None for the base
+    labels: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.tenant}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Checked:
+    """An uploaded delta that passed validation, with the metadata the store keeps."""
+
+    delta: TaskDelta
+    info: dict[str, str]
+
+
+class Engine:
+    def __init__(self, base: Base, store: DeltaStore, cache: DeltaCache,
+                 version_check_s: float = 5.0,
+                 on_swap: Callable[[float], None] | None = None) -> None:
+        self.base = base
+        self.store = store
+        self.cache = cache
+        self.version_check_s = version_check_s
+        self.swapper = Swapper(base)
+        self.on_swap = on_swap
+        self._inflight: dict[tuple[str, str], asyncio.Future] = {}
+
+    # --- accepting uploads (event loop; heavy work in a thread) --------------------------------
+
+    async def check_upload(self, data: bytes, max_bytes: int) -> Checked:
+        return await asyncio.to_thread(self._check_upload, data, max_bytes)
+
+    def _check_upload(self, data: bytes, max_bytes: int) -> Checked:
+        delta = loads(data, max_bytes=max_bytes)
+        validate(delta, self.base)
+        meta = delta.meta
+        info = {
+            "kind": meta.kind, "labels": json.dumps(meta.labels), "nnz": str(delta.nnz),
+            "density": repr(delta.nnz / self.base.numel), "bytes": str(len(data)),
+            "sha256": hashlib.sha256(data).hexdigest(), "base_fingerprint": meta.base_fingerprint,
+            "created_at": repr(time.time()), "provenance": meta.provenance.model_dump_json(),
+        }
+        return Checked(delta=delta, info=info)
+
+    # --- resolving tasks (event loop) ------------------------------------------------------------
+
+    def base_ref(self, tenant: str) -> TaskRef:
+        kind = "generate" if self.base.is_causal_lm else "embed"
+        return TaskRef(tenant=tenant, name=BASE_TASK, kind=kind, version=None)
+
+    async def resolve(self, tenant: str, name: str, want: str) -> TaskRef:
+        """The task's ref, refusing (400) a request its kind or base cannot serve."""
+        if name == BASE_TASK:
+            if want == "classify":
+                raise BadTaskRequest("the task 'base' has no classifier head: upload a classify "
+                                     "delta and classify with it")
+            if want == "generate" and not self.base.is_causal_lm:
+                raise BadTaskRequest(f"the base {self.base.name!r} is an encoder and cannot "
+                                     "generate text")
+            return self.base_ref(tenant)
+        prepared, version = await self.load_prepared(tenant, name)
+        ref = TaskRef(tenant=tenant, name=name, kind=prepared.kind, version=version,
+                      labels=prepared.labels)
+        if ref.kind != want:
+            raise BadTaskRequest(f"task {name!r} is a {ref.kind!r} task; it cannot {want}")
+        return ref
+
+    async def load(self, key: str) -> PreparedDelta | None:
+        """The scheduler's loader: task key `tenant/name` -> decoded delta (None for the base)."""
+        tenant, name = key.split("/", 1)
+        if name == BASE_TASK:
+            return None
+        prepared, _ = await self.load_prepared(tenant, name)
+        return prepared
+
+    async def load_prepared(self, tenant: str, name: str) -> tuple[PreparedDelta, int]:
+        key = (tenant, name)
+        entry = self.cache.get(key)
+        if entry is not None:
+            if time.monotonic() - entry.checked_at < self.version_check_s:
+                self.cache.stats.hits += 1
+                return entry.value, entry.version
+            if await self.store.current_version(tenant, name) == entry.version:
+                entry.checked_at = time.monotonic()
+                self.cache.stats.hits += 1
+                return entry.value, entry.version
+            self.cache.invalidate(key)
+        self.cache.stats.misses += 1
+        pending = self._inflight.get(key)
+        if pending is None:  # one fetch per task, however many requests wait for it
+            pending = asyncio.ensure_future(self._fetch(tenant, name))
+            self._inflight[key] = pending
+            pending.add_done_callback(lambda _f: self._inflight.pop(key, None))
+        return await asyncio.shield(pending)
+
+    async def _fetch(self, tenant: str, name: str) -> tuple[PreparedDelta, int]:
+        stored, blob = await self.store.get_blob(tenant, name)
+        prepared = await asyncio.to_thread(self._decode, blob, f"{tenant}/{name}")
+        self.cache.put((tenant, name), CacheEntry(version=stored.version, value=prepared,
+                                                  nbytes=prepared.nbytes))
+        return prepared, stored.version
+
+    def _decode(self, blob: bytes, name: str) -> PreparedDelta:
+        delta = loads(blob)
+        validate(delta, self.base)  # the base may have changed since upload
+        return prepare(delta, self.base, name=name)
+
+    def invalidate(self, tenant: str, name: str) -> None:
+        self.cache.invalidate((tenant, name))
+
+    # --- running batches (the worker thread) -----------------------------------------------------
+
+    def execute(self, key: str, prepared: PreparedDelta | None, jobs: list[Job]) -> list[Any]:
+        self._swap_to(prepared)
+        model = self.swapper.task_model
+        tokenizer = self.base.tokenizer
+        results: list[Any] = [None] * len(jobs)
+        by_type: dict[type, list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_type.setdefault(type(job), []).append(i)
+        if ClassifyJob in by_type:
+            idx = by_type[ClassifyJob]
+            labels = prepared.labels if prepared is not None else ()
+            for i, r in zip(idx, classify(model, tokenizer, labels, [jobs[i] for i in idx]),
+                            strict=True):
+                results[i] = r
+        if EmbedJob in by_type:
+            idx = by_type[EmbedJob]
+            for i, r in zip(idx, embed(self.base.backbone, tokenizer, [jobs[i] for i in idx]),
+                            strict=True):
+                results[i] = r
+        for i in by_type.get(GenerateJob, []):
+            try:
+                results[i] = generate(model, tokenizer, jobs[i])  # type: ignore[arg-type]
+            except Exception as exc:  # one bad generation fails only its request
+                results[i] = exc
+        return results
+
+    def _swap_to(self, prepared: PreparedDelta | None) -> None:
+        if self.swapper.active is prepared:
+            return
+        started = time.perf_counter()
+        if self.swapper.active is not None:
+            self.swapper.restore()
+        if prepared is not None:
+            self.swapper.apply(prepared)
+        if self.on_swap is not None:
+            self.on_swap(time.perf_counter() - started)
+
+    def restore_base(self) -> None:
+        """Put the exact base back (shutdown, tests)."""
+        if self.swapper.active is not None:
+            self.swapper.restore()

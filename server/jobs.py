@@ -1,0 +1,32 @@
+"""What the engine runs: one job per HTTP request, plain frozen dataclasses."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from taskdelta.client.types import SamplingParams, StreamChunk
+
+
+@dataclass(frozen=True)
+class ClassifyJob:
+    texts: tuple[str | tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    texts: tuple[str, ...]
+    normalize: bool = True
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    prompt: str  # already rendered (chat template applied)
+    params: SamplingParams
+    # streaming: called from the worker thread with each piece; the API hops it onto the loop
+    emit: Callable[[StreamChunk], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+Job = ClassifyJob | EmbedJob | GenerateJob

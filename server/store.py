@@ -1,0 +1,415 @@
+"""The delta store: task blobs and their metadata in Redis.
+
+A put writes the blob as chunks under a fresh version's keys, then one Lua script switches the
+task's metadata to that version (checking if_match and the tenant's quotas), removes the
+superseded version's chunks (after a short grace) and publishes the change. Readers take the
+metadata first and then that version's chunks; chunks of a version never change, so a reader
+sees one whole version or, if its chunks are already gone, starts again from the metadata.
+The store deals only in bytes and strings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError, RedisError
+
+from .errors import QuotaExceeded, ServerError, StoreUnavailable, TaskNotFound, VersionConflict
+from .keys import Keys
+
+_READ_BATCH_BYTES = 64 * 1024 * 1024  # one MGET asks for about this much
+
+
+@dataclass(frozen=True)
+class StoredTask:
+    tenant: str
+    name: str
+    version: int
+    info: dict[str, str]  # the API's metadata plus the store's `version` and `chunks`
+
+
+@dataclass(frozen=True)
+class Change:
+    tenant: str
+    name: str
+    version: int | None  # None: the task was deleted
+
+
+class DeltaStore(Protocol):
+    async def put(self, tenant: str, name: str, blob: bytes, info: dict[str, str],
+                  if_match: int | None = None, max_tasks: int | None = None,
+                  max_bytes: int | None = None) -> StoredTask: ...
+    async def get(self, tenant: str, name: str) -> StoredTask: ...
+    async def get_blob(self, tenant: str, name: str,
+                       version: int | None = None) -> tuple[StoredTask, bytes]: ...
+    async def list(self, tenant: str) -> list[StoredTask]: ...
+    async def list_all(self) -> list[StoredTask]: ...
+    async def delete(self, tenant: str, name: str, if_match: int | None = None) -> None: ...
+    async def current_version(self, tenant: str, name: str) -> int | None: ...
+    async def usage(self, tenant: str) -> tuple[int, int]: ...
+    async def ping(self) -> bool: ...
+    async def close(self) -> None: ...
+    def changes(self) -> AsyncIterator[Change]: ...
+
+
+# KEYS: meta, tasks, usage, the new version's chunks (n_new), the old version's chunks.
+# ARGV: name, version, if_match, max_tasks, max_bytes, size, n_new, expected current version,
+#       check_only, channel, change message, grace (ms), then the new metadata's field/value
+#       pairs. '' stands for "none". Returns {status, detail}; a refusal deletes the new chunks.
+# The old version's chunks are deleted, or left to expire after the grace for readers still
+# reading them.
+_SWITCH = """
+local meta, tasks, usage = KEYS[1], KEYS[2], KEYS[3]
+local name, version, if_match = ARGV[1], ARGV[2], ARGV[3]
+local max_tasks, max_bytes, size = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local n_new, expected, check_only = tonumber(ARGV[7]), ARGV[8], ARGV[9] == '1'
+local function refuse(status, detail)
+  for i = 4, 3 + n_new do redis.call('DEL', KEYS[i]) end
+  return {status, detail}
+end
+local cur = redis.call('HGET', meta, 'version')
+if not check_only and cur == version then return {'ok', 'applied before'} end
+if if_match ~= '' and cur ~= if_match then return refuse('conflict', cur or '') end
+if not check_only and cur and tonumber(cur) > tonumber(version) then
+  return refuse('superseded', cur)
+end
+if not check_only and (cur or '') ~= expected then return {'moved', cur or ''} end
+local old_size = 0
+if cur then old_size = tonumber(redis.call('HGET', meta, 'bytes') or '0') end
+if not cur and max_tasks ~= '' then
+  local n = redis.call('SCARD', tasks)
+  if n + 1 > tonumber(max_tasks) then return refuse('quota_tasks', tostring(n)) end
+end
+local after = tonumber(redis.call('HGET', usage, 'bytes') or '0') - old_size + size
+if max_bytes ~= '' and after > tonumber(max_bytes) then
+  return refuse('quota_bytes', tostring(after))
+end
+if check_only then return {'ok', ''} end
+for i = 4, 3 + n_new do
+  if redis.call('EXISTS', KEYS[i]) == 0 then return refuse('expired', '') end
+  redis.call('PERSIST', KEYS[i])
+end
+local fields = {}
+for i = 13, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('DEL', meta)
+redis.call('HSET', meta, unpack(fields))
+redis.call('SADD', tasks, name)
+redis.call('HINCRBY', usage, 'bytes', size - old_size)
+local grace = tonumber(ARGV[12])
+for i = 4 + n_new, #KEYS do
+  if grace > 0 then redis.call('PEXPIRE', KEYS[i], grace) else redis.call('DEL', KEYS[i]) end
+end
+redis.call('PUBLISH', ARGV[10], ARGV[11])
+return {'ok', cur or ''}
+"""
+
+# KEYS: meta, tasks, usage, the expected version's chunks.
+# ARGV: name, if_match, expected current version, channel, change message.
+_DELETE = """
+local cur = redis.call('HGET', KEYS[1], 'version')
+if not cur then return {'missing', ''} end
+if ARGV[2] ~= '' and cur ~= ARGV[2] then return {'conflict', cur} end
+if cur ~= ARGV[3] then return {'moved', cur} end
+local size = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[3], 'bytes', -size)
+for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return {'ok', cur}
+"""
+
+
+@contextlib.contextmanager
+def _unavailable(doing: str) -> Iterator[None]:
+    """Turn any Redis connection, timeout or server error into StoreUnavailable."""
+    try:
+        yield
+    except (RedisError, OSError) as e:
+        raise StoreUnavailable(f"the task store (Redis) failed while {doing}: {e}") from e
+
+
+def _opt(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def _change_message(tenant: str, name: str, version: int | None) -> str:
+    return json.dumps({"tenant": tenant, "name": name, "version": version})
+
+
+def _parse_change(data: bytes | str) -> Change | None:
+    try:
+        msg = json.loads(data)
+        version = None if msg["version"] is None else int(msg["version"])
+        return Change(str(msg["tenant"]), str(msg["name"]), version)
+    except (ValueError, KeyError, TypeError):
+        return None  # not ours: another publisher on the channel
+
+
+def _task_from_meta(tenant: str, name: str, raw: dict[bytes, bytes]) -> StoredTask:
+    info = {k.decode(): v.decode() for k, v in raw.items()}
+    return StoredTask(tenant, name, int(info["version"]), info)
+
+
+def _blob_fields(info: dict[str, str], blob: bytes) -> dict[str, str]:
+    """The metadata to store: `bytes` and `sha256` always describe the blob actually stored."""
+    digest, size = hashlib.sha256(blob).hexdigest(), str(len(blob))
+    if info.get("sha256", digest) != digest:
+        raise ValueError("info['sha256'] does not match the blob's sha256")
+    if info.get("bytes", size) != size:
+        raise ValueError(f"info['bytes'] is {info['bytes']}, the blob has {size} bytes")
+    return {**info, "sha256": digest, "bytes": size}
+
+
+@dataclass(frozen=True)
+class _PutRequest:
+    tenant: str
+    name: str
+    size: int
+    if_match: int | None
+    max_tasks: int | None
+    max_bytes: int | None
+
+    def refusal(self, status: str, detail: str) -> ServerError | None:
+        """The error a switch script status means, None for success."""
+        if status == "conflict":
+            if not detail:
+                return VersionConflict(f"task {self.name!r} does not exist "
+                                       f"(if_match={self.if_match})")
+            return VersionConflict(f"task {self.name!r} is at version {detail}, "
+                                   f"not {self.if_match}")
+        if status == "quota_tasks":
+            return QuotaExceeded(f"tenant {self.tenant!r} already has {detail} tasks, "
+                                 f"the limit is {self.max_tasks}")
+        if status == "quota_bytes":
+            return QuotaExceeded(f"storing {self.size} bytes would bring tenant {self.tenant!r} "
+                                 f"to {detail} bytes, the limit is {self.max_bytes}")
+        if status == "expired":
+            return StoreUnavailable(f"the upload of task {self.name!r} took too long; "
+                                    "its chunks expired before it could be committed")
+        if status == "moved":
+            return StoreUnavailable(f"task {self.name!r} kept changing during the upload")
+        return None  # ok, or superseded: a concurrent newer put won (last writer wins)
+
+
+class RedisStore:
+    """DeltaStore over redis.asyncio; `url` may be redis://, rediss:// or unix://."""
+
+    def __init__(self, url: str, chunk_bytes: int = 32 * 1024 * 1024, *,
+                 keys: Keys | None = None, socket_timeout_s: float = 5.0,
+                 connect_timeout_s: float = 2.0, pending_ttl_s: int = 3600,
+                 superseded_grace_s: float = 2.0, attempts: int = 8) -> None:
+        if chunk_bytes < 1:
+            raise ValueError("chunk_bytes must be positive")
+        self.chunk_bytes = chunk_bytes
+        self.keys = keys or Keys()
+        self._pending_ttl_s = pending_ttl_s  # chunks not yet committed expire on their own
+        # A replaced version's chunks outlive the switch this long, so a reader that took the
+        # old metadata just before it still finds them; 0 deletes them at once.
+        self._grace_ms = round(superseded_grace_s * 1000)
+        self._attempts = attempts  # retries when a task changes under a read or a switch
+        # One immediate retry on a broken connection (a pooled socket Redis closed when it
+        # restarted), none on a timeout: a hung Redis fails within one socket timeout. The
+        # scripts are safe to repeat (a switch already applied answers ok).
+        self._redis = aioredis.Redis.from_url(
+            url, socket_timeout=socket_timeout_s, socket_connect_timeout=connect_timeout_s,
+            retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)))
+        self._switch = self._redis.register_script(_SWITCH)
+        self._delete = self._redis.register_script(_DELETE)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def put(self, tenant: str, name: str, blob: bytes, info: dict[str, str],
+                  if_match: int | None = None, max_tasks: int | None = None,
+                  max_bytes: int | None = None) -> StoredTask:
+        """Store `blob` as the task's next version. Refused (and nothing changed) when
+        `if_match` is not the current version or a quota would be exceeded. Of two puts racing
+        without if_match, the one with the higher version wins, whatever order they finish in."""
+        fields = _blob_fields(info, blob)
+        req = _PutRequest(tenant, name, len(blob), if_match, max_tasks, max_bytes)
+        with _unavailable(f"storing task {name!r}"):
+            await self._redis.sadd(self.keys.tenants(), tenant)
+            # Refuse before uploading what the switch would refuse anyway.
+            status, detail = await self._run_switch(req, fields, 0, [], None, check_only=True)
+            if error := req.refusal(status, detail):
+                raise error
+            version = int(await self._redis.incr(self.keys.seq(tenant, name)))
+            chunk_keys = await self._write_chunks(tenant, name, version, blob)
+            fields |= {"version": str(version), "chunks": str(len(chunk_keys))}
+            status, detail = await self._commit(req, fields, version, chunk_keys)
+        if error := req.refusal(status, detail):
+            raise error
+        return StoredTask(tenant, name, version, fields)
+
+    async def _write_chunks(self, tenant: str, name: str, version: int, blob: bytes) -> list[str]:
+        count = max(1, math.ceil(len(blob) / self.chunk_bytes))
+        chunk_keys = self.keys.chunks(tenant, name, version, count)
+        view = memoryview(blob)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for i, key in enumerate(chunk_keys):
+                part = view[i * self.chunk_bytes:(i + 1) * self.chunk_bytes]
+                pipe.set(key, part, ex=self._pending_ttl_s)
+            await pipe.execute()
+        return chunk_keys
+
+    async def _commit(self, req: _PutRequest, fields: dict[str, str], version: int,
+                      chunk_keys: list[str]) -> tuple[str, str]:
+        """Switch the task to `version`; re-read the old version if another put moved it."""
+        status, detail = "moved", ""
+        for _ in range(self._attempts):
+            current = await self._current(req.tenant, req.name)
+            status, detail = await self._run_switch(req, fields, version, chunk_keys, current)
+            if status != "moved":
+                return status, detail
+        await self._redis.delete(*chunk_keys)
+        return status, detail
+
+    async def _run_switch(self, req: _PutRequest, fields: dict[str, str], version: int,
+                          chunk_keys: list[str], current: tuple[int, int] | None,
+                          check_only: bool = False) -> tuple[str, str]:
+        k = self.keys
+        old_keys = [] if current is None else k.chunks(req.tenant, req.name, *current)
+        keys = [k.meta(req.tenant, req.name), k.tasks(req.tenant), k.usage(req.tenant),
+                *chunk_keys, *old_keys]
+        args = [req.name, version, _opt(req.if_match), _opt(req.max_tasks),
+                _opt(req.max_bytes), req.size, len(chunk_keys),
+                _opt(None if current is None else current[0]), "1" if check_only else "0",
+                k.channel(), _change_message(req.tenant, req.name, version), self._grace_ms,
+                *(x for pair in fields.items() for x in pair)]
+        status, detail = await self._switch(keys=keys, args=args)
+        return status.decode(), detail.decode()
+
+    async def delete(self, tenant: str, name: str, if_match: int | None = None) -> None:
+        k = self.keys
+        with _unavailable(f"deleting task {name!r}"):
+            for _ in range(self._attempts):
+                current = await self._current(tenant, name)
+                if current is None:
+                    raise TaskNotFound(f"task {name!r} not found")
+                keys = [k.meta(tenant, name), k.tasks(tenant), k.usage(tenant),
+                        *k.chunks(tenant, name, *current)]
+                args = [name, _opt(if_match), current[0], k.channel(),
+                        _change_message(tenant, name, None)]
+                status, detail = (x.decode() for x in await self._delete(keys=keys, args=args))
+                if status == "ok":
+                    return
+                if status == "missing":
+                    raise TaskNotFound(f"task {name!r} not found")
+                if status == "conflict":
+                    raise VersionConflict(f"task {name!r} is at version {detail}, not {if_match}")
+        raise StoreUnavailable(f"task {name!r} kept changing while being deleted")
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def _current(self, tenant: str, name: str) -> tuple[int, int] | None:
+        """(version, chunk count) of the task, None when it does not exist."""
+        version, chunks = await self._redis.hmget(self.keys.meta(tenant, name),
+                                                  ["version", "chunks"])
+        return None if version is None else (int(version), int(chunks))
+
+    async def _read_meta(self, tenant: str, name: str) -> StoredTask:
+        raw = await self._redis.hgetall(self.keys.meta(tenant, name))
+        if not raw:
+            raise TaskNotFound(f"task {name!r} not found")
+        return _task_from_meta(tenant, name, raw)
+
+    async def get(self, tenant: str, name: str) -> StoredTask:
+        with _unavailable(f"reading task {name!r}"):
+            return await self._read_meta(tenant, name)
+
+    async def get_blob(self, tenant: str, name: str,
+                       version: int | None = None) -> tuple[StoredTask, bytes]:
+        """The current version and its blob, checked against its sha256. With `version`,
+        VersionConflict unless that is still the current one."""
+        with _unavailable(f"reading task {name!r}"):
+            for _ in range(self._attempts):
+                task = await self._read_meta(tenant, name)
+                if version is not None and task.version != version:
+                    raise VersionConflict(f"task {name!r} is at version {task.version}, "
+                                          f"not {version}")
+                blob = await self._read_chunks(task)
+                if blob is not None:
+                    break
+            else:
+                raise StoreUnavailable(f"task {name!r} kept changing while being read")
+        if hashlib.sha256(blob).hexdigest() != task.info.get("sha256"):
+            raise StoreUnavailable(f"the stored blob of task {name!r} version {task.version} "
+                                   "fails its sha256 check")
+        return task, blob
+
+    async def _read_chunks(self, task: StoredTask) -> bytes | None:
+        """The version's blob, or None if a chunk is gone (the version was replaced)."""
+        keys = self.keys.chunks(task.tenant, task.name, task.version, int(task.info["chunks"]))
+        batch = max(1, _READ_BATCH_BYTES // self.chunk_bytes)
+        parts: list[bytes] = []
+        for start in range(0, len(keys), batch):
+            got = await self._redis.mget(keys[start:start + batch])
+            if any(part is None for part in got):
+                return None
+            parts.extend(got)
+        return b"".join(parts)
+
+    async def list(self, tenant: str) -> list[StoredTask]:
+        with _unavailable(f"listing the tasks of tenant {tenant!r}"):
+            names = sorted(n.decode() for n in await self._redis.smembers(self.keys.tasks(tenant)))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hgetall(self.keys.meta(tenant, name))
+                metas = await pipe.execute()
+        # A task deleted between the two reads has no metadata left: skip it.
+        return [_task_from_meta(tenant, n, raw) for n, raw in zip(names, metas, strict=True) if raw]
+
+    async def list_all(self) -> list[StoredTask]:
+        with _unavailable("listing tenants"):
+            tenants = sorted(t.decode() for t in await self._redis.smembers(self.keys.tenants()))
+        return [task for tenant in tenants for task in await self.list(tenant)]
+
+    async def current_version(self, tenant: str, name: str) -> int | None:
+        with _unavailable(f"reading the version of task {name!r}"):
+            version = await self._redis.hget(self.keys.meta(tenant, name), "version")
+        return None if version is None else int(version)
+
+    async def usage(self, tenant: str) -> tuple[int, int]:
+        """(number of tasks, total blob bytes) of the tenant."""
+        with _unavailable(f"reading the usage of tenant {tenant!r}"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.scard(self.keys.tasks(tenant))
+                pipe.hget(self.keys.usage(tenant), "bytes")
+                tasks, used = await pipe.execute()
+        return int(tasks), int(used or 0)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def changes(self) -> AsyncIterator[Change]:
+        """Every put and delete, from any process, as it is committed. Messages published
+        while this is not subscribed (e.g. Redis was down) are lost: on StoreUnavailable a
+        consumer should drop what it cached and subscribe again."""
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            with _unavailable("listening for task changes"):
+                await pubsub.subscribe(self.keys.channel())
+                async for message in pubsub.listen():
+                    if change := _parse_change(message["data"]):
+                        yield change
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except Exception:  # noqa: BLE001 - a health probe answers, it does not raise
+            return False
+
+    async def close(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.aclose()
