@@ -31,6 +31,7 @@ from ._exceptions import (
     TaskDeltaError,
     UnprocessableEntityError,
 )
+from ._keys import hash_api_key, new_api_key  # noqa: E402
 from ._streaming import AsyncGenerateStream, GenerateStream
 from .types import (
     ChatMessage,
@@ -48,6 +49,7 @@ from .types import (
 )
 
 __all__ = [
+    "hash_api_key", "new_api_key",
     "DEFAULT_BASE_URL", "NOT_GIVEN", "APIConnectionError", "APIError",
     "APIResponseValidationError", "APIStatusError", "APITimeoutError", "AsyncClient",
     "AsyncGenerateStream", "AsyncTasks", "AuthenticationError", "BadRequestError", "ChatMessage",

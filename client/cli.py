@@ -26,6 +26,7 @@ from rich.table import Column, Table
 
 from ._client import Client
 from ._exceptions import TaskDeltaError
+from ._keys import hash_api_key, new_api_key
 from .types import TaskInfo
 
 app = typer.Typer(help="taskdelta: many fine-tuned tasks served from one base model.",
@@ -33,6 +34,9 @@ app = typer.Typer(help="taskdelta: many fine-tuned tasks served from one base mo
 tasks_app = typer.Typer(help="Upload, list, show and delete task deltas.", no_args_is_help=True,
                         pretty_exceptions_enable=False)
 app.add_typer(tasks_app, name="tasks")
+keys_app = typer.Typer(help="Make API keys and the digests a server's keys file holds.",
+                       no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(keys_app, name="keys")
 
 # command -> (module with a typer `app`, what to install when it is missing)
 LAZY = {
@@ -291,6 +295,19 @@ def health(ctx: typer.Context, as_json: JsonOpt = False) -> None:
                      markup=False)
     if not ready.ready:
         raise typer.Exit(1)
+
+
+@keys_app.command("new")
+def keys_new() -> None:
+    """A fresh random API key and its digest (give the key to the tenant, the digest to the server)."""
+    key = new_api_key()
+    typer.echo(f"key:    {key}\ndigest: {hash_api_key(key)}")
+
+
+@keys_app.command("hash")
+def keys_hash(key: str) -> None:
+    """The digest of an API key, as the server's keys file stores it."""
+    typer.echo(hash_api_key(key))
 
 
 @app.command()

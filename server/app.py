@@ -72,6 +72,7 @@ async def _start(settings: Settings, base: Base | None, store: DeltaStore | None
         log.info("loading base %s", settings.base)
         base = await asyncio.to_thread(load_base, settings.base, settings.device, settings.dtype)
     cache = DeltaCache(settings.cache_bytes)
+    metrics.follow_cache(cache.stats)
     engine = Engine(base, store, cache, version_check_s=settings.version_check_s,
                     on_swap=metrics.observe_swap)
     scheduler = Scheduler.from_settings(settings, engine.execute, engine.load,

@@ -25,10 +25,6 @@ class Tenant:
     admin: bool = False
 
 
-def hash_key(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-
-
 def _digest(entry: str) -> bytes:
     """A keys-file entry (a plain key, or `sha256:<hex>`) -> raw digest bytes."""
     if entry.startswith("sha256:") and len(entry) == 71:
@@ -85,5 +81,5 @@ def _read_keys_file(path: Path) -> list[tuple[bytes, Tenant]]:
         entries += [(_digest(k), Tenant(tenant)) for k in keys]
     entries += [(_digest(k), Tenant(ADMIN_TENANT, admin=True)) for k in raw.get("admin", [])]
     if any(not k.startswith("sha256:") for keys in raw.get("tenants", {}).values() for k in keys):
-        log.warning("keys file %s holds plain keys; store `taskdelta keys hash` digests instead", path)
+        log.warning("keys file %s holds plain keys; store `taskdelta keys hash KEY` digests", path)
     return entries

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -24,12 +26,14 @@ class Metrics:
         self.swaps = Counter("taskdelta_swaps", "Delta swaps (task changes)", registry=r)
         self.swap_seconds = Histogram("taskdelta_swap_seconds", "Restore + apply time", registry=r,
                                       buckets=(1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1))
-        self.cache_hits = Gauge("taskdelta_cache_hits", "Delta cache hits", registry=r)
-        self.cache_misses = Gauge("taskdelta_cache_misses", "Delta cache misses", registry=r)
         self.cache_bytes = Gauge("taskdelta_cache_bytes", "Bytes of decoded deltas cached", registry=r)
         self.cache_entries = Gauge("taskdelta_cache_entries", "Decoded deltas cached", registry=r)
         self.uploads = Counter("taskdelta_uploads", "Delta uploads by outcome", ["outcome"],
                                registry=r)
+
+    def follow_cache(self, stats) -> None:
+        """Expose a cache's hit/miss counters (kept by the cache itself) as Prometheus counters."""
+        self.registry.register(_CacheCounters(stats))
 
     def observe_swap(self, seconds: float) -> None:
         self.swaps.inc()
@@ -44,3 +48,13 @@ class Metrics:
         if refresh is not None:
             refresh()
         return generate_latest(self.registry)
+
+
+class _CacheCounters(Collector):
+    def __init__(self, stats) -> None:
+        self.stats = stats
+
+    def collect(self):
+        yield CounterMetricFamily("taskdelta_cache_hits", "Delta cache hits", value=self.stats.hits)
+        yield CounterMetricFamily("taskdelta_cache_misses", "Delta cache misses",
+                                  value=self.stats.misses)

@@ -35,8 +35,6 @@ async def metrics(state: StateDep) -> Response:
     def refresh() -> None:
         m.queue_depth.set(sched.total_depth)
         m.queued_tasks.set(len(sched.queued_tasks()))
-        m.cache_hits.set(cache.stats.hits)
-        m.cache_misses.set(cache.stats.misses)
         m.cache_bytes.set(cache.nbytes)
         m.cache_entries.set(len(cache))
 
