@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 serve: install
-	$(VENV)/bin/taskdelta serve
+	$(VENV)/bin/taskdelta serve --no-auth
 
 test: install
 	$(PY) -m ruff check .
