@@ -79,17 +79,18 @@ def generate(model: torch.nn.Module, tokenizer, job: GenerateJob) -> Generation:
     """
     p: SamplingParams = job.params
     device = _device(model)
-    # keep the prompt's tail, leaving room for the new tokens within the model's positions
+    # the prompt is cut (its tail kept) only where it alone fills the model's positions; the new
+    # tokens then get what room is left, and running out of room finishes with "length"
     ids = tokenizer(job.prompt, return_tensors="pt")["input_ids"]  # [1, prompt]
     positions = getattr(model.config, "max_position_embeddings", None) or MAX_PROMPT_TOKENS
-    room = max(1, min(MAX_PROMPT_TOKENS, positions - p.max_new_tokens))
-    ids = ids[:, -room:].to(device)
+    ids = ids[:, -min(MAX_PROMPT_TOKENS, positions - 1):].to(device)
+    budget = min(p.max_new_tokens, positions - int(ids.shape[1]))
     gen = torch.Generator(device=device)
     gen.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
     eos = _eos_ids(model, tokenizer)
     tokens: list[int] = []
     sent, finish, past, step_ids = "", "length", None, ids
-    for _ in range(p.max_new_tokens):
+    for _ in range(budget):
         out = model(input_ids=step_ids, past_key_values=past, use_cache=True)
         past = out.past_key_values
         nxt = _pick(out.logits[0, -1].float(), p, gen)
