@@ -85,6 +85,7 @@ def load_base(name_or_path: str | Path, device: str | None = None,
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     folder = resolve_base(name_or_path)
     config = transformers.AutoConfig.from_pretrained(folder)
     arch = (config.architectures or [""])[0]
@@ -95,6 +96,8 @@ def load_base(name_or_path: str | Path, device: str | None = None,
         raise BaseModelError(f"cannot load base from {folder}: {exc}") from exc
     model.to(device or default_device()).eval().requires_grad_(False)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs padding; causal LMs often lack it
     return bind_base(model, tokenizer, name=str(name_or_path), path=folder,
                      fingerprint=fingerprint(folder))
 

@@ -49,6 +49,9 @@ def split_params(base: Base, finetuned: Any) -> tuple[dict[str, torch.Tensor], d
         rel = name[len(ft_prefix):] if name.startswith(ft_prefix) else None
         target = (base.canonical(base_prefix + rel) if rel is not None else None) or base.canonical(name)
         if target is not None and tuple(base.params[target].shape) == tuple(p.shape):
+            if target in sparse:  # e.g. an LM head untied from the base's tied embedding
+                raise ValueError(f"fine-tuned tensor {name!r} and another one both map to base "
+                                 f"tensor {target!r} (tied in the base); a delta holds only one")
             sparse[target] = p.detach()
         else:
             heads[name] = p.detach()

@@ -187,6 +187,11 @@ def read_header(data: bytes) -> dict[str, Any]:
 def _parse_meta(raw: object) -> DeltaMeta:
     if not isinstance(raw, dict):
         raise DeltaRejected("missing metadata: not a taskdelta file", "__metadata__")
+    # safetensors metadata maps strings to strings; a hand-made header may not
+    odd = sorted(k for k, v in raw.items() if not isinstance(v, str))
+    if odd:
+        raise DeltaRejected(f"malformed metadata: values must be strings, not for {odd}",
+                            "__metadata__")
     if raw.get("format") != FORMAT_NAME:
         raise DeltaRejected(f"metadata 'format' is {raw.get('format')!r}, expected {FORMAT_NAME!r}",
                             "__metadata__")

@@ -26,6 +26,8 @@ def random_indices(numel: int, k: int, gen: torch.Generator) -> torch.Tensor:
 def random_delta(base: Base, density: float, seed: int = 0, kind: str | None = None,
                  labels: list[str] | None = None, scale: float = 0.01) -> TaskDelta:
     """A delta with round(density * numel) random entries in every base tensor."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
     gen = torch.Generator().manual_seed(seed)
     kind = kind or ("generate" if base.is_causal_lm else "embed")
     labels = labels or (["negative", "positive"] if kind == "classify" else [])

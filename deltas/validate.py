@@ -52,6 +52,9 @@ def check_sparse(name: str, sparse: SparseTensor, base: Base) -> None:
     if val.dtype not in FLOAT_WIDTH or not _at_least_as_wide(val.dtype, target.dtype):
         raise DeltaRejected(f"val dtype is {val.dtype}; it must be the base dtype {target.dtype} "
                             "or a wider float", name)
+    if idx.dim() != 1 or val.dim() != 1:
+        raise DeltaRejected(f"idx and val must be 1-D, got shapes {tuple(idx.shape)} and "
+                            f"{tuple(val.shape)}", name)
     if idx.numel() != val.numel():
         raise DeltaRejected(f"idx has {idx.numel()} entries but val has {val.numel()}", name)
     if idx.numel() == 0:
@@ -68,7 +71,7 @@ def check_sparse(name: str, sparse: SparseTensor, base: Base) -> None:
         what = "repeated" if int(steps[at - 1]) == 0 else "unsorted"
         raise DeltaRejected(f"{what} index {int(idx[at])} at position {at} (indices must be "
                             "strictly increasing)", name)
-    _check_finite(name, val)
+    _check_finite(name, val, target.dtype)
 
 
 def check_heads(delta: TaskDelta, base: Base) -> None:
@@ -84,7 +87,7 @@ def check_heads(delta: TaskDelta, base: Base) -> None:
             raise DeltaRejected(f"shape {tuple(t.shape)} does not fit the head, expected {shape}", key)
         if t.dtype not in FLOAT_WIDTH or not _at_least_as_wide(t.dtype, dtype):
             raise DeltaRejected(f"dtype {t.dtype}; it must be {dtype} or a wider float", key)
-        _check_finite(key, t)
+        _check_finite(key, t, dtype)
     missing = sorted(set(spec) - set(delta.heads))
     if missing:
         raise DeltaRejected(f"a {delta.meta.kind!r} task needs head tensors {missing}", "head::")
@@ -96,8 +99,12 @@ def _at_least_as_wide(have: torch.dtype, base: torch.dtype) -> bool:
     return FLOAT_WIDTH[have] > FLOAT_WIDTH.get(base, 8)
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    bad = ~torch.isfinite(t.reshape(-1))
+def _check_finite(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    """Finite in `dtype`, the dtype the swap computes in (a wider value can overflow there)."""
+    flat = t.reshape(-1)
+    bad = ~torch.isfinite(flat.to(dtype))  # a cast keeps NaN and inf, and turns overflow into inf
     if bool(bad.any()):
         at = int(torch.nonzero(bad)[0])
-        raise DeltaRejected(f"non-finite value {float(t.reshape(-1)[at])} at position {at}", name)
+        value = float(flat[at])
+        what = "non-finite value" if not torch.isfinite(flat[at]) else f"value overflows {dtype}:"
+        raise DeltaRejected(f"{what} {value} at position {at}", name)
