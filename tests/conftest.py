@@ -15,7 +15,26 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_task_data() -> Path | None:
+    """The shared task data (../shared/data beside the checkout); TASKDELTA_SHARED_DATA overrides."""
+    for candidate in (os.environ.get("TASKDELTA_SHARED_DATA"), ROOT.parent / "shared" / "data",
+                      Path("/work/shared/data")):
+        if candidate and (Path(candidate) / "sst2" / "train.tsv").is_file():
+            return Path(candidate)
+    return None
+
+
+DATA = find_task_data()
+
+
+@pytest.fixture(scope="session")
+def task_data() -> Path:
+    if DATA is None:
+        pytest.skip("no shared task data: set TASKDELTA_SHARED_DATA to the shared/data folder")
+    return DATA
 
 
 def free_port() -> int:

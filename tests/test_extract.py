@@ -26,7 +26,6 @@ from taskdelta.deltas import (
     validate,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -222,9 +221,9 @@ def test_untied_lm_head_on_a_tied_base_is_refused(tiny_llama, tiny_llama_dir):
 TRAIN_STEPS, BATCH, LR, HELD_OUT = 40, 16, 1e-4, 200
 
 
-def sst2_split() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+def sst2_split(data: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """(held-out, train): a fixed, seeded split of the SST-2 training file (plain TSV, no quoting)."""
-    lines = (DATA / "sst2" / "train.tsv").read_text(encoding="utf-8").split("\n")
+    lines = (data / "sst2" / "train.tsv").read_text(encoding="utf-8").split("\n")
     assert lines[0].split("\t") == ["sentence", "label"]
     rows = [(s, int(y)) for s, y in (line.split("\t") for line in lines[1:] if line)]
     random.Random(0).shuffle(rows)
@@ -232,7 +231,7 @@ def sst2_split() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
 
 
 @pytest.fixture(scope="module")
-def minilm_ft(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[str]]:
+def minilm_ft(tmp_path_factory: pytest.TempPathFactory, task_data: Path) -> tuple[Path, dict, list[str]]:
     """minilm fully fine-tuned (every weight trains) for TRAIN_STEPS AdamW steps, saved; with the
     held-out sentences and their tokenization."""
     from transformers import AutoTokenizer, BertForSequenceClassification
@@ -240,7 +239,7 @@ def minilm_ft(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, lis
     from taskdelta.deltas import resolve_base
 
     folder = resolve_base("minilm")
-    held, train = sst2_split()
+    held, train = sst2_split(task_data)
     tok = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
     model = BertForSequenceClassification.from_pretrained(folder, num_labels=2).train()
