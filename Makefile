@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test test-quick lint bench-swap
+.PHONY: install serve test test-quick lint bench-swap bench-serve
 
 install: $(VENV)/.installed
 
@@ -35,3 +35,8 @@ lint: install
 
 bench-swap: install
 	$(PY) bench/swap.py
+
+# many tasks, one base: docs/performance.md's tables and plots (~15 min on 2 cores);
+# e.g. make bench-serve BENCH_SERVE_ARGS=--quick
+bench-serve: install
+	$(PY) bench/serve.py $(BENCH_SERVE_ARGS)

@@ -85,6 +85,10 @@ class SamplingParams(_Request):
 
 
 class GenerateRequest(SamplingParams):
+    # exactly one of `prompt` and `messages` (the server checks it; this states it in the OpenAPI schema)
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
     prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS * 4)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
     stream: bool = False

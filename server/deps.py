@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from taskdelta.deltas import Base
 
@@ -33,15 +34,14 @@ def get_state(request: Request) -> AppState:
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
+# A security scheme (not a plain header parameter), so the OpenAPI schema says how to authenticate;
+# no auto_error: a missing key is the KeyRing's 401 in the one error shape (or no key when auth is off).
+BEARER = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
 
 
-def current_tenant(state: StateDep,
-                   authorization: Annotated[str | None, Header()] = None) -> Tenant:
-    key = None
-    if authorization:
-        scheme, _, value = authorization.partition(" ")
-        key = value.strip() if scheme.lower() == "bearer" else None
-    return state.keys.authenticate(key)
+def current_tenant(state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                                           Depends(BEARER)] = None) -> Tenant:
+    return state.keys.authenticate(credentials.credentials if credentials else None)
 
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]

@@ -20,7 +20,7 @@ from typing import Any
 from taskdelta.deltas import Base, PreparedDelta, Swapper, TaskDelta, loads, prepare, validate
 
 from .cache import CacheEntry, DeltaCache
-from .errors import BadTaskRequest
+from .errors import BadTaskRequest, StoreUnavailable
 from .inference import classify, embed, generate
 from .jobs import ClassifyJob, EmbedJob, GenerateJob, Job
 from .store import DeltaStore
@@ -116,11 +116,17 @@ class Engine:
         key = (tenant, name)
         entry = self.cache.get(key)
         if entry is not None:
-            if time.monotonic() - entry.checked_at < self.version_check_s:
+            now = time.monotonic()
+            if now - entry.checked_at < self.version_check_s:
                 self.cache.stats.hits += 1
                 return entry.value, entry.version
-            if await self.store.current_version(tenant, name) == entry.version:
-                entry.checked_at = time.monotonic()
+            try:
+                current = await self.store.current_version(tenant, name)
+            except StoreUnavailable:  # Redis away: keep serving what is cached (nobody can
+                self.cache.stats.hits += 1  # commit a newer version meanwhile); re-check later
+                return entry.value, entry.version
+            if current == entry.version:
+                entry.checked_at = now  # as of the read
                 self.cache.stats.hits += 1
                 return entry.value, entry.version
             self.cache.invalidate(key)
@@ -133,10 +139,13 @@ class Engine:
         return await asyncio.shield(pending)
 
     async def _fetch(self, tenant: str, name: str) -> tuple[PreparedDelta, int]:
+        # Confirmed as of the read, not of the end of decoding: a change message that arrives
+        # while decoding finds nothing to drop, and the re-check must still come in time.
+        read_at = time.monotonic()
         stored, blob = await self.store.get_blob(tenant, name)
         prepared = await asyncio.to_thread(self._decode, blob, f"{tenant}/{name}")
         self.cache.put((tenant, name), CacheEntry(version=stored.version, value=prepared,
-                                                  nbytes=prepared.nbytes))
+                                                  nbytes=prepared.nbytes, checked_at=read_at))
         return prepared, stored.version
 
     def _decode(self, blob: bytes, name: str) -> PreparedDelta:

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from taskdelta.client.types import ErrorBody
 from taskdelta.deltas import DeltaRejected
 
 from . import errors
@@ -36,6 +38,19 @@ HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "n
               429: "rate_limited", 503: "unavailable", 504: "timeout"}
 
 
+ERROR_DOCS = {400: "The task cannot do this (wrong kind, or `base`)", 401: "Missing or invalid API key",
+              403: "Not allowed, or over the tenant's quota", 404: "No such task for this tenant",
+              409: "If-Match is not the task's current version", 413: "Body over the size limit",
+              422: "Invalid request, or a delta that was refused (the message names the problem)",
+              429: "Overloaded: retry after Retry-After seconds",
+              503: "The task store (Redis) is unavailable", 504: "The request missed its deadline"}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the errors a route can answer, all in the one error shape."""
+    return {status: {"model": ErrorBody, "description": ERROR_DOCS[status]} for status in statuses}
+
+
 def request_id(request: Request) -> str | None:
     return request.scope.get("state", {}).get("request_id")
 
@@ -60,6 +75,8 @@ def to_response(exc: Exception, rid: str | None) -> JSONResponse:
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
     elif isinstance(exc, errors.StoreUnavailable):
         headers["Retry-After"] = "1"
+    elif isinstance(exc, errors.PayloadTooLarge):
+        headers["Connection"] = "close"  # the rest of the body is never read: drop it with the connection
     message = str(exc) if status != 500 else "internal error; see the server log for this request id"
     return error_response(status, type_, message, rid, headers)
 

@@ -1,5 +1,5 @@
 """Pure-ASGI middleware: a request id on every response (and every error), route latency metrics,
-and a last-resort 500 in the one error shape for anything unexpected."""
+a request body size limit, and a last-resort 500 in the one error shape for anything unexpected."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import logging
 import re
 import time
 import uuid
+
+from starlette.exceptions import HTTPException
 
 from .metrics import Metrics
 
@@ -29,6 +31,9 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = rid
         started = time.perf_counter()
         status = {"code": 500, "sent": False}
+        limit = _body_limit(scope)
+        if limit is not None:
+            receive = _limited(receive, limit, dict(scope.get("headers") or []).get(b"content-length"))
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
@@ -53,3 +58,35 @@ class RequestContext:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.http_seconds.labels(scope["method"], route, str(status["code"])).observe(
                 time.perf_counter() - started)
+
+
+def _body_limit(scope) -> int | None:
+    """Uploads (PUT) may be up to max_delta_bytes, any other body up to max_request_bytes."""
+    state = getattr(getattr(scope.get("app"), "state", None), "taskdelta", None)
+    if state is None:
+        return None
+    s = state.settings
+    return s.max_delta_bytes if scope["method"] == "PUT" else s.max_request_bytes
+
+
+def _limited(receive, limit: int, declared: bytes | None):
+    """`receive` that refuses (413) a body over `limit` bytes as soon as it is declared or read, so
+    no route ever buffers more; the connection is closed rather than the rest of the body read."""
+    seen = 0
+
+    def too_large(size: str) -> HTTPException:
+        return HTTPException(413, f"body of {size} bytes is over the limit of {limit} bytes",
+                             headers={"Connection": "close"})
+
+    async def receive_limited():
+        nonlocal seen
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large(declared.decode())
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise too_large(f"more than {limit}")
+        return message
+
+    return receive_limited

@@ -24,12 +24,13 @@ from taskdelta.client.types import (
 
 from .deps import StateDep, TaskName, TenantDep
 from .errors import BadTaskRequest
-from .http_errors import request_id, status_of
+from .http_errors import error_responses, request_id, status_of
 from .inference import render_chat, usage_of
 from .jobs import ClassifyJob, EmbedJob, GenerateJob
 from .submit import run_job, start_stream
 
-router = APIRouter(prefix="/v1/tasks", tags=["inference"])
+router = APIRouter(prefix="/v1/tasks", tags=["inference"],
+                   responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
 SSE = {"text/event-stream": {"schema": {"type": "string"}}}
 
 

@@ -11,14 +11,18 @@ from fastapi.responses import StreamingResponse
 
 from taskdelta.client.types import ChatCompletionRequest, CompletionRequest, SamplingParams
 
+from .auth import NAME_RE
 from .deps import StateDep, TenantDep
-from .http_errors import request_id
+from .errors import TaskNotFound
+from .http_errors import error_responses, request_id
 from .inference import Generation, render_chat, usage_of
 from .jobs import GenerateJob
-from .routes_infer import error_event
+from .routes_infer import SSE, error_event
 from .submit import run_job, start_stream
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"],
+                   responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504))
+STREAMED = {200: {"content": SSE, "description": "JSON, or SSE when stream is true"}}
 
 
 def _params(body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
@@ -27,20 +31,22 @@ def _params(body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
                           top_p=body.top_p, stop=stop, seed=body.seed)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=STREAMED)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep,
                            tenant: TenantDep):
     prompt = render_chat(state.base.tokenizer, [m.model_dump() for m in body.messages])
     return await _complete(body, prompt, "chat.completion", request, state, tenant.name)
 
 
-@router.post("/completions")
+@router.post("/completions", responses=STREAMED)
 async def completions(body: CompletionRequest, request: Request, state: StateDep,
                       tenant: TenantDep):
     return await _complete(body, body.prompt, "text_completion", request, state, tenant.name)
 
 
 async def _complete(body, prompt: str, obj: str, request: Request, state, tenant: str):
+    if not NAME_RE.match(body.model):  # no task can have this name (and it must not reach a key)
+        raise TaskNotFound(f"task {body.model!r} not found")
     ref = await state.engine.resolve(tenant, body.model, "generate")
     params = _params(body)
     rid = request_id(request) or ""

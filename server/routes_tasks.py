@@ -13,9 +13,10 @@ from taskdelta.deltas import DeltaRejected
 from .deps import StateDep, TaskName, TenantDep
 from .engine import BASE_TASK
 from .errors import BadTaskRequest, Forbidden, PayloadTooLarge, VersionConflict
+from .http_errors import error_responses
 from .store import StoredTask
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=error_responses(401, 422, 503))
 OCTET = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 
 
@@ -53,7 +54,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 @router.put("/{task}", response_model=TaskInfo, status_code=201,
             openapi_extra={"requestBody": {"required": True, "content": OCTET}},
-            responses={200: {"model": TaskInfo, "description": "Replaced an existing task"}})
+            responses={200: {"model": TaskInfo, "description": "Replaced an existing task"},
+                       **error_responses(400, 403, 409, 413)})
 async def upload_task(task: TaskName, request: Request, response: Response, state: StateDep,
                       tenant: TenantDep,
                       if_match: Annotated[str | None, Header()] = None) -> TaskInfo:
@@ -79,7 +81,7 @@ async def upload_task(task: TaskName, request: Request, response: Response, stat
     return task_info(stored)
 
 
-@router.get("", response_model=TaskList)
+@router.get("", response_model=TaskList, responses=error_responses(403))
 async def list_tasks(state: StateDep, tenant: TenantDep,
                      all_tenants: Annotated[bool, Query(alias="all")] = False) -> TaskList:
     """The caller's tasks; with `?all=true` (admin key only) every tenant's."""
@@ -90,7 +92,7 @@ async def list_tasks(state: StateDep, tenant: TenantDep,
     return TaskList(tasks=[task_info(t) for t in await state.store.list(tenant.name)])
 
 
-@router.get("/{task}", response_model=TaskInfo)
+@router.get("/{task}", response_model=TaskInfo, responses=error_responses(404))
 async def get_task(task: TaskName, state: StateDep, tenant: TenantDep,
                    response: Response) -> TaskInfo:
     stored = await state.store.get(tenant.name, task)
@@ -98,7 +100,7 @@ async def get_task(task: TaskName, state: StateDep, tenant: TenantDep,
     return task_info(stored)
 
 
-@router.delete("/{task}", response_model=Deleted)
+@router.delete("/{task}", response_model=Deleted, responses=error_responses(404, 409))
 async def delete_task(task: TaskName, state: StateDep, tenant: TenantDep,
                       if_match: Annotated[str | None, Header()] = None) -> Deleted:
     await state.store.delete(tenant.name, task, if_match=parse_if_match(if_match))

