@@ -13,6 +13,7 @@ import torch
 from .bases import resolve_base
 from .errors import BaseModelError
 from .fingerprint import fingerprint
+from .layout import FlatLayout, consolidate
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -42,6 +43,7 @@ class Base:
     fingerprint: str
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)  # tied name -> canonical name
+    layout: FlatLayout | None = None  # where `params` live: one flat buffer per dtype (swap.py)
 
     @property
     def device(self) -> torch.device:
@@ -103,10 +105,13 @@ def load_base(name_or_path: str | Path, device: str | None = None,
 
 
 def bind_base(model: Any, tokenizer: Any, name: str, path: Path | None, fingerprint: str) -> Base:
-    """Wrap an already-built model (tests build tiny ones from a config) as a Base."""
+    """Wrap an already-built model (tests build tiny ones from a config) as a Base.
+
+    The parameters are moved into one flat buffer per dtype (values unchanged), so that the swap
+    can write a whole delta in one call."""
     params = dict(model.named_parameters())
     by_id = {id(p): n for n, p in params.items()}
     aliases = {n: by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
                if n not in params}
     return Base(name=name, path=Path(path or "."), model=model, tokenizer=tokenizer,
-                fingerprint=fingerprint, params=params, aliases=aliases)
+                fingerprint=fingerprint, params=params, aliases=aliases, layout=consolidate(params))

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from . import encoding as codec
 from .errors import DeltaRejected
 
 FORMAT_NAME = "taskdelta"
@@ -27,6 +28,11 @@ IDX_SUFFIX = "::idx"
 VAL_SUFFIX = "::val"
 HEAD_PREFIX = "head::"
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a header larger than this is hostile, not a delta
+# How `NAME::idx` is stored (metadata key `encoding`): "plain" int32/int64 tensors, or
+# "gap-varint" uint8 streams (encoding.py); "compact" is the name `dumps` takes for the latter.
+PLAIN = "plain"
+ENCODINGS: tuple[str, ...] = (PLAIN, codec.GAP_VARINT)
+ENCODING_ALIASES = {"compact": codec.GAP_VARINT, "v1": PLAIN}
 TaskKind = Literal["classify", "generate", "embed"]
 TASK_KINDS: tuple[str, ...] = ("classify", "generate", "embed")
 
@@ -110,17 +116,33 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def dumps(delta: TaskDelta) -> bytes:
-    """Encode a delta as safetensors bytes, stamping the checksum into the metadata."""
+def dumps(delta: TaskDelta, encoding: str = PLAIN) -> bytes:
+    """Encode a delta as safetensors bytes, stamping the checksum into the metadata.
+
+    encoding: "plain" (int32 index tensors) or "compact" / "gap-varint" (about a quarter of the
+    index bytes; indices must be strictly increasing). The checksum is the same for both: it
+    hashes the plain tensors, whatever the file stores."""
+    encoding = resolve_encoding(encoding)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in delta.flat_tensors().items()}
     meta = delta.meta.model_copy(update={"checksum": tensor_checksum(tensors)})
-    return st_save(tensors, metadata=_meta_to_strings(meta))
+    if encoding != PLAIN:
+        tensors = {k: codec.encode(v, k[: -len(IDX_SUFFIX)]) if _is_idx(k) else v
+                   for k, v in tensors.items()}
+    return st_save(tensors, metadata=_meta_to_strings(meta, encoding))
 
 
-def save(delta: TaskDelta, path: str | Path) -> Path:
+def resolve_encoding(encoding: str) -> str:
+    name = ENCODING_ALIASES.get(encoding, encoding)
+    if name not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {', '.join([*ENCODINGS, *ENCODING_ALIASES])}, "
+                         f"not {encoding!r}")
+    return name
+
+
+def save(delta: TaskDelta, path: str | Path, encoding: str = PLAIN) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(dumps(delta))
+    tmp.write_bytes(dumps(delta, encoding))
     tmp.replace(path)  # never leave a half-written delta under the final name
     return path
 
@@ -139,11 +161,16 @@ def loads(data: bytes | bytearray | memoryview, max_bytes: int | None = None) ->
     if max_bytes is not None and len(data) > max_bytes:
         raise DeltaRejected(f"file is {len(data)} bytes, over the limit of {max_bytes} bytes")
     header = read_header(data)
-    meta = _parse_meta(header.pop("__metadata__", None))
+    raw_meta = header.pop("__metadata__", None)
+    meta = _parse_meta(raw_meta)
+    encoding = _parse_encoding(raw_meta)
     try:
         flat = st_load(data)
     except Exception as exc:  # the safetensors parser's own errors are not one type
         raise DeltaRejected(f"not a valid safetensors file: {exc}") from exc
+    if encoding != PLAIN:  # decoded once here: everything after sees plain index tensors
+        flat = {k: codec.decode(v, k[: -len(IDX_SUFFIX)]) if _is_idx(k) else v
+                for k, v in flat.items()}
     delta = _split(flat, meta)
     actual = tensor_checksum(flat)
     if meta.checksum != actual:
@@ -211,8 +238,27 @@ def _parse_meta(raw: object) -> DeltaMeta:
         raise DeltaRejected(f"malformed metadata: {_short(exc)}", "__metadata__") from exc
 
 
-def _meta_to_strings(meta: DeltaMeta) -> dict[str, str]:
-    return {
+def _is_idx(key: str) -> bool:
+    return key.endswith(IDX_SUFFIX) and not key.startswith(HEAD_PREFIX)
+
+
+def file_encoding(data: bytes) -> str:
+    """The index encoding a delta file declares (its header only; nothing decoded or checked)."""
+    raw = read_header(data).get("__metadata__")
+    return raw.get("encoding", PLAIN) if isinstance(raw, dict) else PLAIN
+
+
+def _parse_encoding(raw: dict[str, str]) -> str:
+    encoding = raw.get("encoding", PLAIN)
+    if encoding not in ENCODINGS:
+        raise DeltaRejected(f"metadata 'encoding' is {encoding!r}; this build reads "
+                            f"{', '.join(ENCODINGS)}", "__metadata__")
+    return encoding
+
+
+def _meta_to_strings(meta: DeltaMeta, encoding: str = PLAIN) -> dict[str, str]:
+    extra = {} if encoding == PLAIN else {"encoding": encoding}
+    return extra | {
         "format": FORMAT_NAME,
         "format_version": str(meta.format_version),
         "base_fingerprint": meta.base_fingerprint,

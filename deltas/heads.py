@@ -54,9 +54,16 @@ def _empty_classifier(base: Base, labels: list[str]) -> torch.nn.Module:
     return wrapper
 
 
+@lru_cache(maxsize=64)
+def _template(base: Base, labels: tuple[str, ...]) -> torch.nn.Module:
+    return _empty_classifier(base, list(labels))
+
+
 def build_classifier(base: Base, labels: list[str], heads: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A sequence classifier over the live base backbone with the given head tensors."""
-    wrapper = _empty_classifier(base, labels)
+    # Building the wrapper from its config constructs a whole (meta) backbone first: tens of ms on
+    # a cold task's path. Copy a per-(base, labels) template instead, all but the shared backbone.
+    wrapper = copy.deepcopy(_template(base, tuple(labels)), memo={id(base.backbone): base.backbone})
     state = {n: t.to(device=base.device, dtype=base.dtype) for n, t in heads.items()}
     missing, unexpected = wrapper.load_state_dict(state, strict=False, assign=True)
     prefix = wrapper.base_model_prefix + "."

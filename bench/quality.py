@@ -1,0 +1,192 @@
+"""Quality of sparse deltas against full fine-tuning, measured through the serving path.
+
+For each task (a TSV in ../shared/data) and the `minilm` base: full fine-tuning; sparse training at
+each density with the grad and fisher masks; extraction of the top 1 % of the full fine-tune, with
+and without refit. Every model is scored on the same seeded validation split carved from the
+training file, through the serving path: the delta's bytes are parsed and validated, `prepare`d,
+swapped into the base in place by `Swapper`, and run by the server's `classify()` (full
+fine-tuning too, as a dense delta of every changed entry). Writes docs/quality.md, docs/quality.json
+and docs/quality.png.
+
+    python bench/quality.py                                # the documented table (~30-60 min, 2 cores)
+    python bench/quality.py --tasks sst2 --steps 40 --val-size 200 --out /tmp/q   # a quick look
+    python bench/quality.py --report-only                  # re-render docs/ from docs/quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from taskdelta.deltas import Swapper, dumps, extract, load_base, loads, prepare, validate  # noqa: E402
+from taskdelta.deltas.masks import mask_from_scores  # noqa: E402
+from taskdelta.deltas.recipe import load_task_data, sparse_lr  # noqa: E402
+from taskdelta.deltas.train import (  # noqa: E402
+    TrainConfig,
+    gradient_scores,
+    refit,
+    train_full,
+    train_sparse,
+)
+from taskdelta.server.inference import classify  # noqa: E402
+from taskdelta.server.jobs import ClassifyJob  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported by path
+from quality_report import (  # noqa: E402
+    DATA,
+    DEFAULT_TASKS,
+    ROOT,
+    TASKS,
+    Result,
+    TaskSpec,
+    load_results,
+    log,
+    write_report,
+)
+
+
+def serve_score(base, delta, texts: list, labels: list[int], metric: str,
+                batch: int = 64) -> tuple[float, float]:
+    """(score, accuracy) of `delta` swapped into `base`, run by the server's classify()."""
+    delta = loads(dumps(delta))  # the bytes a client uploads
+    validate(delta, base)
+    prepared = prepare(delta, base, name="bench")
+    preds: list[int] = []
+    with Swapper(base).swapped(prepared) as model:
+        for s in range(0, len(texts), batch):
+            job = ClassifyJob(tuple(texts[s:s + batch]))
+            (out,) = classify(model, base.tokenizer, prepared.labels, [job])
+            preds += [prepared.labels.index(r["label"]) for r in out]
+    acc = sum(p == y for p, y in zip(preds, labels, strict=True)) / len(labels)
+    return (100 * mcc(preds, labels) if metric == "mcc" else 100 * acc), 100 * acc
+
+
+def mcc(preds: list[int], labels: list[int]) -> float:
+    """Matthews correlation of a binary task."""
+    tp = sum(p == 1 and y == 1 for p, y in zip(preds, labels, strict=True))
+    tn = sum(p == 0 and y == 0 for p, y in zip(preds, labels, strict=True))
+    fp = sum(p == 1 and y == 0 for p, y in zip(preds, labels, strict=True))
+    fn = sum(p == 0 and y == 1 for p, y in zip(preds, labels, strict=True))
+    den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / den if den else 0.0
+
+
+def run_task(base, name: str, spec: TaskSpec, args: argparse.Namespace) -> list[Result]:
+    t0 = time.perf_counter()
+    data = load_task_data(base, DATA / spec.file, "classify", text_col=spec.text, label_col=spec.label,
+                          pair_col=spec.pair, val_size=args.val_size,
+                          train_size=args.train_size or spec.train_size, max_length=args.max_length,
+                          seed=args.seed)
+    steps = args.steps or args.epochs * -(-len(data.train) // args.batch_size)
+    common = TrainConfig(batch_size=args.batch_size, max_length=args.max_length, max_steps=steps,
+                         seed=args.seed, head_lr=args.head_lr)
+    log(f"{name}: {len(data.train)} train / {len(data.val)} validation examples, {steps} steps of "
+        f"{args.batch_size}, labels {data.labels}")
+    results: list[Result] = []
+
+    def record(method: str, target: float, delta, trained, seconds: float, stored: int | None = None) -> None:
+        score, acc = serve_score(base, delta, data.val_texts, data.val_labels, spec.metric)
+        size = stored if stored is not None else len(dumps(delta))
+        r = Result(name, method, target, round(delta.meta.provenance.density, 6), round(score, 2),
+                   round(acc, 2), size, round(trained.train_loss, 4) if trained else None, round(seconds, 1))
+        results.append(r)
+        log(f"  {r.column:<20} {spec.metric} {r.score:6.2f}  ({r.bytes / 1e6:8.2f} MB, loss "
+            f"{r.train_loss}, {r.seconds:.0f} s)")
+
+    t = time.perf_counter()
+    full = train_full(base, "classify", data.labels, data.train, replace(common, lr=args.full_lr))
+    dense = extract(base, full.model.net, 1.0)  # every changed entry: the full fine-tune, served
+    checkpoint = 4 * sum(p.numel() for p in full.model.net.parameters())
+    record("full", 1.0, dense, full, time.perf_counter() - t, stored=checkpoint)
+    del dense
+
+    t = time.perf_counter()
+    scores = gradient_scores(base, "classify", data.labels, data.train, common, args.mask_batches)
+    score_s = time.perf_counter() - t
+    for mask_kind in args.masks:
+        for density in args.densities:
+            t = time.perf_counter()
+            mask = mask_from_scores(mask_kind, scores, density, exclude=args.exclude)
+            trained = train_sparse(base, "classify", data.labels, data.train, mask,
+                                   replace(common, lr=sparse_lr(density, args.sparse_lr)))
+            delta = trained.model.to_delta("sparse-train", mask=mask_kind, target_density=density)
+            record(mask_kind, density, delta, trained, time.perf_counter() - t + score_s)
+    del scores
+
+    t = time.perf_counter()
+    extracted = extract(base, full.model.net, args.extract_density)
+    record("extract", args.extract_density, extracted, None, time.perf_counter() - t)
+    t = time.perf_counter()
+    refitted = refit(base, extracted, data.train,
+                     replace(common, lr=args.refit_lr, head_lr=args.refit_head_lr))
+    record("extract+refit", args.extract_density, refitted.model.to_delta("extract+refit"), refitted,
+           time.perf_counter() - t)
+    log(f"{name}: {time.perf_counter() - t0:.0f} s")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated, of {', '.join(TASKS)}")
+    p.add_argument("--train-size", type=int, default=None, help="training examples per task "
+                   "(default: per task, 2000 single-text / 1000 pair)")
+    p.add_argument("--val-size", type=int, default=500, help="validation examples carved per task")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--densities", type=lambda s: [float(x) for x in s.split(",")],
+                   default=[0.001, 0.005, 0.01])
+    p.add_argument("--masks", type=lambda s: s.split(","), default=["grad", "fisher"])
+    p.add_argument("--mask-batches", type=int, default=16)
+    p.add_argument("--exclude", type=lambda s: [x for x in s.split(",") if x], default=[],
+                   help="grad/fisher masks: tensors whose name contains one of these get no entries")
+    p.add_argument("--extract-density", type=float, default=0.01)
+    p.add_argument("--full-lr", type=float, default=1e-4)
+    p.add_argument("--sparse-lr", type=float, default=1e-3,
+                   help="at 1 %% density; scaled by 1 %% / density, at most 1e-2")
+    p.add_argument("--refit-lr", type=float, default=1e-3)
+    p.add_argument("--head-lr", type=float, default=1e-3)
+    p.add_argument("--refit-head-lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for quality.md/.json/.png")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: render quality.md and .png again from OUT/quality.json")
+    args = p.parse_args(argv)
+    if args.report_only:
+        results, saved, minutes, command = load_results(args.out / "quality.json")
+        saved = argparse.Namespace(**{**saved, "out": args.out})
+        write_report(args.out, results, saved, saved.tasks.split(","), minutes, command)
+        log(f"wrote {args.out}/quality.md, quality.png from quality.json")
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.tasks.split(",")
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        p.error(f"unknown tasks {unknown}; known: {', '.join(TASKS)}")
+    t0 = time.perf_counter()
+    base = load_base("minilm", device="cpu")
+    results: list[Result] = []
+    for name in names:
+        results += run_task(base, name, TASKS[name], args)
+    minutes = (time.perf_counter() - t0) / 60
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python bench/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    write_report(args.out, results, args, names, minutes, command)
+    log(f"wrote {args.out}/quality.md, quality.json, quality.png in {minutes:.1f} min")
+
+
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The compact index encoding (`encoding: gap-varint`): sorted indices as LEB128 varints of their gaps.
+
+A tensor's strictly increasing indices `i_0 < i_1 < ...` are stored as one uint8 stream: a code
+byte (4: the indices decode to int32, 8: to int64), then for each index the gap `i_k - i_{k-1} - 1`
+(with `i_{-1} = -1`, so the first gap is `i_0`) as an unsigned LEB128 varint: 7 bits per byte, low
+bits first, the high bit set on every byte but a number's last. At 1 % density a gap is about 100,
+so most indices take one byte instead of four.
+
+Both directions are vectorised numpy (no per-element Python). `decode` is written for hostile
+input: every way a stream can be malformed raises `DeltaRejected` naming the tensor, and only the
+shortest form of a number is accepted, so a list of indices has exactly one encoding.
+
+Measured against the alternatives on minilm's tensor shapes (see docs/delta-format.md): block-local
+uint16 indices cost 2.0 bytes per index at any density; Elias-Fano is smaller on uniformly random
+masks (1.07 vs 1.28 bytes at 1 %) but larger on clustered ones (1.50 vs 1.34 at 0.1 %), as masks of
+real fine-tunes are, and decodes at the same speed; gap-varint is also the simplest to write by hand.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import DeltaRejected
+
+GAP_VARINT = "gap-varint"
+CODES = {4: torch.int32, 8: torch.int64}  # code byte -> decoded index dtype
+CODE_OF = {v: k for k, v in CODES.items()}
+MAX_VARINT_BYTES = {torch.int32: 5, torch.int64: 9}  # 9 x 7 = 63 bits: no int64 overflow
+_LIMIT = {torch.int32: 2**31, torch.int64: 2**62}  # what an index may reach (int64: headroom)
+
+
+def encode(idx: torch.Tensor, name: str = "") -> torch.Tensor:
+    """[nnz] int32/int64 strictly increasing, non-negative -> [bytes] uint8 stream."""
+    if idx.dtype not in CODE_OF or idx.dim() != 1:
+        raise DeltaRejected(f"gap-varint encodes 1-D int32/int64 indices, not {idx.dtype} "
+                            f"{tuple(idx.shape)}", name)
+    i = idx.detach().cpu().numpy().astype(np.int64)
+    gaps = np.diff(i, prepend=-1) - 1
+    if gaps.size and int(gaps.min()) < 0:
+        at = int(np.flatnonzero(gaps < 0)[0])
+        raise DeltaRejected(f"gap-varint needs non-negative, strictly increasing indices; index "
+                            f"{int(i[at])} at position {at} is not", name)
+    if i.size and int(i[-1]) >= _LIMIT[idx.dtype]:
+        raise DeltaRejected(f"index {int(i[-1])} is past what gap-varint reads back", name)
+    gaps = gaps.astype(np.uint64)
+    sizes = np.ones(gaps.size, dtype=np.int64)
+    for k in range(1, 10):
+        sizes += gaps >= np.uint64(1 << (7 * k))
+    owner = np.repeat(np.arange(gaps.size), sizes)  # which index each byte belongs to
+    pos = np.arange(owner.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # byte within its number
+    out = ((gaps[owner] >> (7 * pos).astype(np.uint64)) & np.uint64(0x7F)).astype(np.uint8)
+    out[pos < sizes[owner] - 1] |= 0x80
+    code = np.array([CODE_OF[idx.dtype]], dtype=np.uint8)
+    return torch.from_numpy(np.concatenate([code, out]))
+
+
+def decode(stream: torch.Tensor, name: str) -> torch.Tensor:
+    """[bytes] uint8 stream -> [nnz] int32/int64 indices, or `DeltaRejected` naming `name`."""
+    if stream.dtype != torch.uint8 or stream.dim() != 1:
+        raise DeltaRejected(f"a gap-varint index stream is 1-D uint8, not {stream.dtype} "
+                            f"{tuple(stream.shape)}", name)
+    if stream.numel() == 0:
+        raise DeltaRejected("empty gap-varint index stream (it starts with a code byte)", name)
+    data = stream.numpy()
+    code = int(data[0])
+    if code not in CODES:
+        raise DeltaRejected(f"unknown index code {code} (4: int32, 8: int64)", name)
+    dtype = CODES[code]
+    gaps = _varints(data[1:], MAX_VARINT_BYTES[dtype], name)
+    if gaps.size == 0:
+        return torch.empty(0, dtype=dtype)
+    # each index is below the limit iff their sum is: check before the cumulative sum can wrap
+    if float(gaps.sum(dtype=np.float64)) + gaps.size > _LIMIT[dtype]:
+        raise DeltaRejected(f"index overflow: the gaps add up past {_LIMIT[dtype]} "
+                            f"({'int32' if dtype == torch.int32 else 'int64'} indices)", name)
+    gaps += 1
+    idx = np.cumsum(gaps, out=gaps)
+    idx -= 1
+    if int(idx[-1]) >= _LIMIT[dtype]:
+        raise DeltaRejected(f"index overflow: {int(idx[-1])} does not fit {dtype}", name)
+    return torch.from_numpy(idx.astype(np.int32) if dtype == torch.int32 else idx)
+
+
+def _varints(data: np.ndarray, max_bytes: int, name: str) -> np.ndarray:
+    """LEB128 numbers of a uint8 array -> int64 array."""
+    if data.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    last = data < 0x80  # the last byte of each number
+    if not last[-1]:
+        raise DeltaRejected("malformed varint: the stream ends inside a number", name)
+    if last.all():  # every gap below 128: one byte each
+        return data.astype(np.int64)
+    ends = np.flatnonzero(last)
+    sizes = np.diff(ends, prepend=-1)
+    longest = int(sizes.max())
+    if longest > max_bytes:
+        at = int(np.flatnonzero(sizes > max_bytes)[0])
+        raise DeltaRejected(f"malformed varint: number {at} takes {int(sizes[at])} bytes, more "
+                            f"than the {max_bytes} its index type allows", name)
+    padded = (sizes > 1) & (data[ends] == 0)  # 0x80 0x00 is 0 in two bytes: one is the only form
+    if padded.any():
+        at = int(np.flatnonzero(padded)[0])
+        raise DeltaRejected(f"malformed varint: number {at} ends in a zero byte (not the shortest "
+                            "form)", name)
+    low = (data & 0x7F).astype(np.int64)
+    out = low[ends]  # the most significant 7 bits of each number...
+    for back in range(1, longest):  # ...then the bytes before it, high to low
+        more = np.flatnonzero(sizes > back)
+        out[more] = (out[more] << 7) | low[ends[more] - back]
+    return out
