@@ -178,6 +178,7 @@ class Level:
     probe: Callable = metrics_probe
     measure: Callable | None = None
     prewarm: bool = True
+    touch_send: Callable | None = None  # a cheaper request to fill the cache with (else `send`)
     parts: list[dict] = field(default_factory=list)
 
 
@@ -188,7 +189,8 @@ def sweep(args, srv: ServerProcess, levels: list[Level], clients: int) -> list[d
         for level in levels:
             started = time.perf_counter()
             if level.prewarm and n == 0:  # one request per task, the rarest first, so that the
-                asyncio.run(touch(srv.url, list(reversed(level.tasks)), level.send, clients))
+                asyncio.run(touch(srv.url, list(reversed(level.tasks)),
+                                  level.touch_send or level.send, clients))
             prewarm_s = time.perf_counter() - started  # cache holds what a long-running one would
             warmup = args.warmup if n == 0 else min(args.warmup, 1.0)  # queues refill within 1 s
             res = asyncio.run(closed_loop(srv.url, level.tasks, level.send, clients, warmup,
@@ -306,6 +308,9 @@ def run_classify(args, redis: RedisServer, work: Path, out: dict) -> None:
     if "naive" in scenarios:
         folders = work / "merged"
         build_merged(base, up["kept"], names[:max(args.naive_tasks)], folders)
+        # its answers take seconds: fewer, longer windows
+        naive_args = argparse.Namespace(**{**vars(args), "rounds": args.naive_rounds,
+                                           "duration": args.naive_duration})
         for variant in args.naive_variants:
             with naive_server(args, folders, work, variant) as srv:
                 for clients in args.naive_clients:
@@ -313,7 +318,7 @@ def run_classify(args, redis: RedisServer, work: Path, out: dict) -> None:
                     levels = [Level(f"naive {mode}, {storage or 'cache'}, {t} tasks", names[:t], send,
                                     {"kind": "naive", "mode": variant, "lru": args.naive_lru},
                                     probe=stats_probe, prewarm=False) for t in args.naive_tasks]
-                    rows += sweep(args, srv, levels, clients)
+                    rows += sweep(naive_args, srv, levels, clients)
     del base
 
 
@@ -331,10 +336,11 @@ def run_generate(args, redis: RedisServer, work: Path, out: dict) -> None:
     rows = out.setdefault("generate", [])
     send = generate_send(args.gen_tokens)
     common = {"base_state_bytes": base_bytes, "kind": "taskdelta"}
+    one_token = generate_send(1)  # fills the cache as well as a long generation, in less time
     levels = [Level("base only (reference: no delta)", ["base"], send, {**common, "reference": True},
-                    measure=completion_tokens)]
-    levels += [Level(f"{t} tasks", names[:t], send, common, measure=completion_tokens)
-               for t in args.gen_tasks]
+                    measure=completion_tokens, touch_send=one_token)]
+    levels += [Level(f"{t} tasks", names[:t], send, common, measure=completion_tokens,
+                     touch_send=one_token) for t in args.gen_tasks]
     # a request takes seconds here: fewer, longer windows
     gen_args = argparse.Namespace(**{**vars(args), "rounds": args.gen_rounds,
                                      "duration": args.gen_duration})
@@ -356,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=ints, default=[1, 16], help="C, concurrent closed-loop "
                    "clients (a list runs every classify level at each)")
     p.add_argument("--naive-clients", type=ints, default=[16])
-    p.add_argument("--duration", type=float, default=16.0, help="measured seconds per level")
+    p.add_argument("--naive-duration", type=float, default=20.0)
+    p.add_argument("--naive-rounds", type=int, default=2)
+    p.add_argument("--duration", type=float, default=12.0, help="measured seconds per level")
     p.add_argument("--rounds", type=int, default=4, help="the levels in turn, this many times; "
                    "each window is duration / rounds (the machine's load drifts: spread it)")
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each window")
@@ -374,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-tasks", type=ints, default=[10, 100])
     p.add_argument("--gen-clients", type=int, default=4)
     p.add_argument("--gen-tokens", type=int, default=8)
-    p.add_argument("--gen-duration", type=float, default=24.0)
-    p.add_argument("--gen-rounds", type=int, default=2)
+    p.add_argument("--gen-duration", type=float, default=32.0)
+    p.add_argument("--gen-rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server process")
     p.add_argument("--cache-bytes", type=int, default=None, help="server's delta cache (default: its own)")
     p.add_argument("--device", default=None)
@@ -392,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.tasks, args.naive_tasks, args.gen_tasks, args.clients = [10, 100], [10], [10], [16]
         args.duration, args.warmup, args.cold_samples, args.rounds = 8.0, 2.0, 5, 1
-        args.gen_duration, args.gen_rounds = 10.0, 1
+        args.gen_duration, args.gen_rounds, args.naive_duration, args.naive_rounds = 10.0, 1, 10.0, 1
     args.scenarios = set(args.scenarios.split(","))
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
