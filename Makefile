@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test test-quick lint bench-swap bench-serve
+.PHONY: install serve test test-quick lint bench-swap bench-quality bench-serve
 
 install: $(VENV)/.installed
 
@@ -40,3 +40,6 @@ bench-swap: install
 # e.g. make bench-serve BENCH_SERVE_ARGS=--quick
 bench-serve: install
 	$(PY) bench/serve.py $(BENCH_SERVE_ARGS)
+
+bench-quality: install
+	$(PY) bench/quality.py

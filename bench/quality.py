@@ -95,8 +95,10 @@ def run_task(base, name: str, spec: TaskSpec, args: argparse.Namespace) -> list[
     def record(method: str, target: float, delta, trained, seconds: float, stored: int | None = None) -> None:
         score, acc = serve_score(base, delta, data.val_texts, data.val_labels, spec.metric)
         size = stored if stored is not None else len(dumps(delta))
+        compact = len(dumps(delta, encoding="compact")) if stored is None else None
         r = Result(name, method, target, round(delta.meta.provenance.density, 6), round(score, 2),
-                   round(acc, 2), size, round(trained.train_loss, 4) if trained else None, round(seconds, 1))
+                   round(acc, 2), size, round(trained.train_loss, 4) if trained else None, round(seconds, 1),
+                   compact)
         results.append(r)
         log(f"  {r.column:<20} {spec.metric} {r.score:6.2f}  ({r.bytes / 1e6:8.2f} MB, loss "
             f"{r.train_loss}, {r.seconds:.0f} s)")

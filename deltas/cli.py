@@ -244,6 +244,7 @@ def train(
     val_size: ValSizeOpt = None,
     train_size: TrainSizeOpt = None,
     seed: SeedOpt = 0,
+    encoding: EncodingOpt = "compact",
 ) -> None:
     """Fine-tune only a sparse mask of base entries (plus a dense head) and write the delta."""
     from .base import load_base
@@ -276,7 +277,7 @@ def train(
         delta = trained.model.to_delta("sparse-train", **provenance(
             cfg, trained, mask=mask, target_density=density, exclude=exclude or [], **_scores(metrics)))
         validate(delta, b)  # never write a delta the server would refuse
-        save(delta, output)
+        save(delta, output, encoding)
     except (BaseModelError, DeltaRejected, ValueError, OSError) as exc:
         _fail(exc)
     out.print(f"wrote {output}\n" + describe(delta, output.stat().st_size, trained, metrics, len(task.val)))
