@@ -11,14 +11,27 @@ from .heads import head_spec
 
 INT32_LIMIT = 2**31
 FLOAT_WIDTH = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
+# Bump when `validate` refuses something it accepted before: a delta stamped as validated under
+# older rules (see `stamp`) is then checked in full again.
+RULES = 1
 
 
-def validate(delta: TaskDelta, base: Base) -> None:
-    """Raise `DeltaRejected` on the first problem found; return None if the delta is sound."""
+def validate(delta: TaskDelta, base: Base, *, contents: bool = True) -> None:
+    """Raise `DeltaRejected` on the first problem found; return None if the delta is sound.
+
+    contents=False checks the form only (metadata, names, dtypes, shapes, lengths, heads) and
+    skips what costs time in proportion to the delta: each index's range and order and each
+    increment's finiteness. Only for bytes that passed the full check against this base before,
+    identified by their hash (the server's load of a stored delta; docs/delta-format.md)."""
     check_meta(delta, base)
     for name, sparse in delta.tensors.items():
-        check_sparse(name, sparse, base)
+        check_sparse(name, sparse, base, contents=contents)
     check_heads(delta, base)
+
+
+def stamp(base: Base) -> str:
+    """What a full `validate` against `base`, under these rules, is recorded as."""
+    return f"rules-{RULES}:{base.fingerprint}"
 
 
 def check_meta(delta: TaskDelta, base: Base) -> None:
@@ -37,7 +50,7 @@ def check_meta(delta: TaskDelta, base: Base) -> None:
         raise DeltaRejected("labels are not unique", "__metadata__.labels")
 
 
-def check_sparse(name: str, sparse: SparseTensor, base: Base) -> None:
+def check_sparse(name: str, sparse: SparseTensor, base: Base, *, contents: bool = True) -> None:
     canonical = base.canonical(name)
     if canonical is None:
         raise DeltaRejected(f"not a tensor of base {base.name!r}", name)
@@ -57,7 +70,7 @@ def check_sparse(name: str, sparse: SparseTensor, base: Base) -> None:
                             f"{tuple(val.shape)}", name)
     if idx.numel() != val.numel():
         raise DeltaRejected(f"idx has {idx.numel()} entries but val has {val.numel()}", name)
-    if idx.numel() == 0:
+    if idx.numel() == 0 or not contents:
         return
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0:

@@ -287,6 +287,56 @@ def test_any_bytes_decode_to_sorted_indices_or_a_named_refusal(raw: bytes, code:
         assert torch.equal(codec.encode(idx), stream)  # and the encoding is canonical
 
 
+_RAW_STREAM = st.tuples(st.sampled_from([4, 4, 4, 8, 0]), st.binary(max_size=24)).map(
+    lambda cr: torch.tensor([cr[0], *cr[1]], dtype=torch.uint8))
+_GOOD_STREAM = st.builds(codec.encode, sorted_indices(False))
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams=st.lists(st.one_of(_GOOD_STREAM, _GOOD_STREAM, _RAW_STREAM), max_size=6),
+       group=st.sampled_from([1, 2, 7, 32 * 1024]))
+def test_decode_all_gives_what_decode_gives_stream_by_stream(streams, group):
+    """`decode_all` (what `loads` runs: streams cut into pieces at number ends and decoded
+    `group` bytes at a time) returns exactly what `decode` returns for each stream, or raises
+    exactly its refusal for the first stream that `decode` refuses."""
+    named = {f"t{i}": s for i, s in enumerate(streams)}
+    try:
+        expected = {name: codec.decode(s, name) for name, s in named.items()}
+    except DeltaRejected as exc:
+        expected = exc
+    kept, codec._GROUP_BYTES = codec._GROUP_BYTES, group
+    try:
+        got = codec.decode_all(named)
+    except DeltaRejected as exc:
+        assert isinstance(expected, DeltaRejected)
+        assert (str(exc), exc.tensor) == (str(expected), expected.tensor)
+        return
+    finally:
+        codec._GROUP_BYTES = kept
+    assert isinstance(expected, dict) and got.keys() == expected.keys()
+    for name, idx in expected.items():
+        assert got[name].dtype == idx.dtype and torch.equal(got[name], idx), name
+
+
+def test_decode_all_cuts_a_long_stream_anywhere_and_decodes_it_whole():
+    """A stream much longer than a group, with numbers of every int32 length, decodes the same
+    however it is cut (group sizes that land a cut inside numbers of 1 to 5 bytes)."""
+    gen = torch.Generator().manual_seed(0)
+    gaps = torch.randint(0, 2**21, (4000,), generator=gen) >> torch.randint(0, 21, (4000,),
+                                                                             generator=gen)
+    idx = (torch.cumsum(gaps + 1, 0) - 1).to(torch.int32)
+    streams = {"a": codec.encode(idx[:1000]), "b": codec.encode(idx), "c": codec.encode(idx[:3])}
+    kept = codec._GROUP_BYTES
+    try:
+        for group in (1, 3, 5, 64, 1000, 4099):
+            codec._GROUP_BYTES = group
+            got = codec.decode_all(streams)
+            assert [torch.equal(got[k], v) for k, v in
+                    (("a", idx[:1000]), ("b", idx), ("c", idx[:3]))] == [True] * 3, group
+    finally:
+        codec._GROUP_BYTES = kept
+
+
 def test_cli_writes_compact_by_default_and_plain_on_request(tiny_bert_dir, tmp_path):
     """`taskdelta delta random` writes gap-varint unless --encoding plain; both hold the same delta
     and `inspect --json` reports the encoding; an unknown encoding is one line of error."""
