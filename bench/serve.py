@@ -7,6 +7,9 @@ Scenarios (--scenarios, comma-separated):
   classify  minilm, random classify deltas at --density, at each of --clients: T = 1 (the
             reference: the same requests, one task, no swaps), each of --tasks, and the base's
             embed route on the same text (a second reference)
+  mixed     each of --tasks again on a second server with mixed batches on
+            (TASKDELTA_MIXED_BATCHES=1: several tasks per forward, each delta a sparse
+            correction); its levels take turns with the exact server's, against the same reference
   naive     the merged-copy baseline (bench/naive_server.py, --naive-variants) at --naive-tasks
   cold      Redis -> first answer for never-requested tasks vs the same request again
   generate  smollm2-135m, short greedy generations; `base` (no delta) and each of --gen-tasks
@@ -21,6 +24,7 @@ the rarest first, so the cache holds what a long-running server's would.
     python bench/serve.py                                # the figures of docs/performance.md
     python bench/serve.py --quick                        # a smoke run, a few minutes
     python bench/serve.py --scenarios classify --tasks 10,100 --clients 8 --duration 10
+    python bench/serve.py --scenarios classify,mixed --tasks 1000 --clients 16 --duration 8
     python bench/serve.py --replot bench/out/serve.json  # tables and plots again, no run
 """
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -64,6 +69,8 @@ from taskdelta.deltas import (  # noqa: E402
     random_delta,
     resolve_base,
 )
+from taskdelta.server.auth import DEFAULT_TENANT  # noqa: E402
+from taskdelta.server.keys import Keys  # noqa: E402
 
 TEXT = "a wonderful, moving film about two old friends who travel across the country together"
 # a raw prompt the instruct model continues (asked a question without its chat template, it stops
@@ -93,7 +100,8 @@ def completion_tokens(r: httpx.Response) -> float:
 # --- the servers -------------------------------------------------------------------------------
 
 
-def taskdelta_server(args, base: str, redis: RedisServer, work: Path) -> ServerProcess:
+def taskdelta_server(args, base: str, redis: RedisServer, work: Path,
+                     mixed: bool = False) -> ServerProcess:
     port = free_port()
     argv = [sys.executable, "-m", "taskdelta.server", "--base", base, "--redis-url", redis.url,
             "--port", str(port), "--no-auth", "--log-level", "warning", "--data-dir",
@@ -102,9 +110,11 @@ def taskdelta_server(args, base: str, redis: RedisServer, work: Path) -> ServerP
         argv += ["--cache-bytes", str(args.cache_bytes)]
     if args.device:
         argv += ["--device", args.device]
-    return ServerProcess(argv, port, args.threads, log=work / "server.log",
+    return ServerProcess(argv, port, args.threads,
+                         log=work / ("server-mixed.log" if mixed else "server.log"),
                          env={"TASKDELTA_MAX_TASKS_PER_TENANT": "1000000",
-                              "TASKDELTA_MAX_BYTES_PER_TENANT": str(2**50)})
+                              "TASKDELTA_MAX_BYTES_PER_TENANT": str(2**50),
+                              "TASKDELTA_MIXED_BATCHES": "1" if mixed else "0"})
 
 
 def naive_server(args, folders: Path, work: Path, variant: str) -> ServerProcess:
@@ -164,6 +174,21 @@ async def upload_all(url: str, base, names: list[str], density: float, kind: str
             "nnz": nnz, "kept": kept}
 
 
+FULL = " (checked in full)"  # a cold set whose records lack `validated_for`
+
+
+def forget_validation(redis: RedisServer, names: list[str]) -> None:
+    """Drop the upload's `validated_for` from the tasks' records, as a server before it stored
+    them: their loads then check in full (docs/delta-format.md, *Trust on load*), side by side
+    with the loads that trust the record."""
+    import redis as redis_py  # noqa: PLC0415
+
+    keys = Keys()
+    with redis_py.Redis.from_url(redis.url) as r:
+        for name in names:
+            assert r.hdel(keys.meta(DEFAULT_TENANT, name), "validated_for") == 1, name
+
+
 # --- measured levels ---------------------------------------------------------------------------
 
 
@@ -179,14 +204,16 @@ class Level:
     measure: Callable | None = None
     prewarm: bool = True
     touch_send: Callable | None = None  # a cheaper request to fill the cache with (else `send`)
+    server: ServerProcess | None = None  # where it runs, if not on the sweep's server
     parts: list[dict] = field(default_factory=list)
 
 
-def sweep(args, srv: ServerProcess, levels: list[Level], clients: int) -> list[dict]:
+def sweep(args, default: ServerProcess, levels: list[Level], clients: int) -> list[dict]:
     """Each level in turn, --rounds times over (so that a machine whose load drifts skews every
     level alike); a level's rounds are merged into one row."""
     for n in range(args.rounds):
         for level in levels:
+            srv = level.server or default
             started = time.perf_counter()
             if level.prewarm and n == 0:  # one request per task, the rarest first, so that the
                 asyncio.run(touch(srv.url, list(reversed(level.tasks)),
@@ -206,7 +233,7 @@ def sweep(args, srv: ServerProcess, levels: list[Level], clients: int) -> list[d
             print(f"  round {n + 1}/{args.rounds} {level.label:<34} {res.throughput:8.1f} req/s  "
                   f"p50 {res.percentile(0.5) * 1e3:7.1f} ms  p99 {res.percentile(0.99) * 1e3:7.1f} ms  "
                   f"errors {sum(res.errors.values())}  load {os.getloadavg()[0]:.2f}", flush=True)
-    return [merge(level, clients, srv) for level in levels]
+    return [merge(level, clients, level.server or default) for level in levels]
 
 
 def merge(level: Level, clients: int, srv: ServerProcess) -> dict:
@@ -254,7 +281,11 @@ def derive(d: dict, after: dict, completed: int, s: float) -> dict:
                 "cache_hit_rate": hits / (hits + misses) if hits + misses else 1.0,
                 "misses_per_1k": misses / max(1, completed) * 1e3,
                 "cache_bytes": after.get("taskdelta_cache_bytes", 0.0),
-                "cache_entries": after.get("taskdelta_cache_entries", 0.0)}
+                "cache_entries": after.get("taskdelta_cache_entries", 0.0),
+                "mixed_share": d.get("taskdelta_mixed_batches_total", 0) / batches if batches else 0.0,
+                "tasks_per_mixed": (d.get("taskdelta_mixed_batch_tasks_sum", 0)
+                                    / d["taskdelta_mixed_batch_tasks_count"]
+                                    if d.get("taskdelta_mixed_batch_tasks_count") else 0.0)}
     loads_, hits = d.get("loads", 0), d.get("hits", 0)
     return {"swaps_per_s": d.get("swaps", 0) / s, "loads_per_s": loads_ / s,
             "load_ms_mean": d.get("load_seconds", 0) / loads_ * 1e3 if loads_ else 0.0,
@@ -272,7 +303,9 @@ def run_classify(args, redis: RedisServer, work: Path, out: dict) -> None:
     base = load_base("minilm", device="cpu")
     base_bytes = sum(p.numel() * p.element_size() for p in base.params.values())
     naive_tasks = args.naive_tasks if "naive" in scenarios else []
-    names = [f"c{i:04d}" for i in range(max(args.tasks + naive_tasks))]
+    # a cold-only run needs one warm task (the anchor), not the classify levels' thousand
+    count = max(args.tasks + naive_tasks) if scenarios & {"classify", "mixed", "naive"} else 1
+    names = [f"c{i:04d}" for i in range(count)]
     keep = set(names[:max(naive_tasks)]) if naive_tasks else set()
     print(f"classify on minilm: {len(names)} tasks at density {args.density}", flush=True)
     send = classify_send()
@@ -287,21 +320,36 @@ def run_classify(args, redis: RedisServer, work: Path, out: dict) -> None:
                                               "classify", args.seed * 10**6 + 900_000 + 1000 * n,
                                               set(cold_sets[encoding][:1]), encoding))["kept"]
                 blobs[encoding] = kept[cold_sets[encoding][0]]
+                if args.cold_full_check:  # the same, stored as an older server stored them
+                    full = cold_sets[f"{encoding}{FULL}"] = [f"cold-{encoding}-full-{i:02d}"
+                                                            for i in range(args.cold_samples)]
+                    asyncio.run(upload_all(srv.url, base, full, args.density, "classify",
+                                           args.seed * 10**6 + 950_000 + 1000 * n, set(), encoding))
+                    forget_validation(redis, full)
             out["cold"] = asyncio.run(cold_start(srv.url, names[0], cold_sets, send))
             for encoding, blob in blobs.items():
                 out["cold"][encoding]["blob_bytes"] = len(blob)
                 out["cold"][encoding]["breakdown_ms"] = cold_breakdown(base, blob, TEXT)
+                if f"{encoding}{FULL}" in out["cold"]:
+                    out["cold"][encoding]["full_check"] = out["cold"].pop(f"{encoding}{FULL}")
     out["classify_upload"] = {k: v for k, v in up.items() if k != "kept"}
     out["redis_used_memory"] = redis.used_memory()
     rows = out.setdefault("classify", [])
-    if "classify" in scenarios:
+    if scenarios & {"classify", "mixed"}:
         common = {"base_state_bytes": base_bytes, "kind": "taskdelta"}
-        with taskdelta_server(args, "minilm", redis, work) as srv:
+        with (taskdelta_server(args, "minilm", redis, work) as srv,
+              taskdelta_server(args, "minilm", redis, work, mixed=True) if "mixed" in scenarios
+              else contextlib.nullcontext() as mixed_srv):
             for clients in args.clients:
                 levels = [Level("1 task (reference: no swaps)", names[:1], send,
                                 {**common, "reference": True})]
-                levels += [Level(f"{t} tasks", names[:t], send, common) for t in args.tasks]
-                if args.embed_reference:
+                if "classify" in scenarios:
+                    levels += [Level(f"{t} tasks", names[:t], send, common) for t in args.tasks]
+                if mixed_srv is not None:
+                    levels += [Level(f"{t} tasks, mixed batches", names[:t], send,
+                                     {**common, "kind": "mixed"}, server=mixed_srv)
+                               for t in args.tasks]
+                if args.embed_reference and "classify" in scenarios:
                     levels.append(Level("base embed (same text)", ["base"], embed_send,
                                         {**common, "kind": "embed"}))
                 rows += sweep(args, srv, levels, clients)
@@ -377,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
                    "disk (evicted after each load)")
     p.add_argument("--no-embed-reference", dest="embed_reference", action="store_false")
     p.add_argument("--cold-samples", type=int, default=15)
+    p.add_argument("--no-cold-full-check", dest="cold_full_check", action="store_false",
+                   help="cold: skip the reference sets whose records lack `validated_for` "
+                   "(checked in full on load, as stored by an older server)")
     p.add_argument("--cold-encodings", default="plain,compact", type=lambda t: t.split(","),
                    help="upload encodings whose cold starts are measured (format.dumps)")
     p.add_argument("--gen-tasks", type=ints, default=[10, 100])
@@ -420,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="taskdelta-bench-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        if args.scenarios & {"classify", "naive", "cold"}:
+        if args.scenarios & {"classify", "mixed", "naive", "cold"}:
             with RedisServer() as redis:  # one per scenario: the first one's GBs are freed
                 run_classify(args, redis, work, out)
             save()

@@ -15,6 +15,7 @@ COLUMNS = [  # header, key, format
     ("swap ms", "swap_ms", "{:.1f}"), ("batch", "mean_batch", "{:.2f}"),
     ("hit %", "hit_pct", "{:.1f}"), ("miss/1k req", "misses_per_1k", "{:.1f}"),
     ("RSS MB", "rss_mb", "{:.0f}"), ("state MB", "state_mb", "{:.0f}"),
+    ("mixed %", "mixed_pct", "{:.0f}"), ("tasks/mixed", "tasks_per_mixed", "{:.1f}"),
 ]
 TOKENS = ("tok/s", "tokens_per_s", "{:.1f}")  # generate only
 
@@ -25,6 +26,8 @@ def _cells(row: dict, ref: float | None) -> dict:
     r["swap_ms"] = row.get("swap_ms_mean", row.get("load_ms_mean", float("nan")))
     r["hit_pct"] = 100 * row.get("cache_hit_rate", float("nan"))
     r["rss_mb"] = row.get("rss", 0) / 1e6
+    if "mixed_share" in row:
+        r["mixed_pct"] = 100 * row["mixed_share"]
     state = row.get("state_bytes")
     if state is None:
         state = row.get("base_state_bytes", 0) + row.get("cache_bytes", 0)
@@ -65,6 +68,19 @@ def goals(out: dict) -> list[str]:
             ratio = most["throughput"] / ref
             lines.append(f"classify, C={clients}, {most['tasks']:,} tasks / 1 task: {ratio:.2f} (goal "
                          f">= {GOAL_MANY_TASKS:.2f}: {'met' if ratio >= GOAL_MANY_TASKS else 'NOT met'})")
+    mixed = [r for r in out.get("classify", []) if r.get("kind") == "mixed"]
+    for clients in sorted({r["clients"] for r in mixed}):
+        ref = _reference(rows, clients)
+        ours = [r for r in mixed if r["clients"] == clients]
+        if ref and ours:
+            most = max(ours, key=lambda r: r["tasks"])
+            ratio = most["throughput"] / ref
+            exact = [r for r in rows if r["tasks"] == most["tasks"] and r["clients"] == clients
+                     and not r.get("reference")]
+            vs = f"; {most['throughput'] / exact[0]['throughput']:.2f}x the exact mode" if exact else ""
+            lines.append(f"classify with mixed batches, C={clients}, {most['tasks']:,} tasks / 1 task: "
+                         f"{ratio:.2f} (goal >= {GOAL_MANY_TASKS:.2f}: "
+                         f"{'met' if ratio >= GOAL_MANY_TASKS else 'NOT met'}{vs})")
     naive = [r for r in out.get("classify", []) if r.get("kind") == "naive"]
     for n in naive:
         ours = [r for r in rows if r["tasks"] == n["tasks"] and r["clients"] == n["clients"]
@@ -218,7 +234,12 @@ def _throughput_panel(ax, rows: list[dict], title: str) -> None:
                        label=f"0.90 x reference{tag}")
         ax.plot([r["tasks"] for r in ours], [r["throughput"] for r in ours], "o-", color=f"C{n}",
                 label=f"taskdelta{tag}")
-        for r in ours:
+        mixed = sorted((r for r in rows if r.get("kind") == "mixed" and r["clients"] == clients),
+                       key=lambda r: r["tasks"])
+        if mixed:
+            ax.plot([r["tasks"] for r in mixed], [r["throughput"] for r in mixed], "^-.",
+                    color=f"C{n}", alpha=0.8, label=f"taskdelta, mixed batches{tag}")
+        for r in ours + mixed:
             ax.annotate(f"{r['throughput'] / ref:.2f}x" if ref else "", (r["tasks"], r["throughput"]),
                         textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
         for m, mode in enumerate(sorted({r.get("mode") for r in rows if r.get("kind") == "naive"})):

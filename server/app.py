@@ -24,7 +24,7 @@ from .routes_infer import router as infer_router
 from .routes_openai import router as openai_router
 from .routes_ops import router as ops_router
 from .routes_tasks import router as tasks_router
-from .scheduler import Scheduler
+from .scheduler import Mixing, Scheduler
 from .settings import Settings, get_settings
 from .store import DeltaStore, RedisStore
 
@@ -74,10 +74,14 @@ async def _start(settings: Settings, base: Base | None, store: DeltaStore | None
     cache = DeltaCache(settings.cache_bytes)
     metrics.follow_cache(cache.stats)
     engine = Engine(base, store, cache, version_check_s=settings.version_check_s,
-                    on_swap=metrics.observe_swap)
+                    on_swap=metrics.observe_swap, mixed=settings.mixed_batches)
+    mixing = Mixing(peek=engine.peek, accepts=engine.mixable, execute=engine.execute_mixed,
+                    on_batch=metrics.observe_mixed)
     scheduler = Scheduler.from_settings(settings, engine.execute, engine.load,
-                                        on_batch=metrics.observe_batch)
+                                        on_batch=metrics.observe_batch, mixing=mixing)
     scheduler.start()
+    if engine.mixer is not None:
+        stack.callback(engine.mixer.close)  # its hooks off the (possibly shared) base, last
     stack.push_async_callback(scheduler.stop)
     stack.callback(engine.restore_base)
     listener = asyncio.create_task(_follow_changes(store, engine))

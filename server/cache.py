@@ -65,6 +65,20 @@ class DeltaCache:
                 self._drop(oldest)
                 self.stats.evictions += 1
 
+    def grow(self, key: tuple[str, str], value: Any, extra: int) -> None:
+        """Count `extra` more bytes for the entry that holds `value` (a form built from it later,
+        such as a delta's mixed-batch corrections); nothing if the key now holds something else."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.value is not value:
+                return
+            entry.nbytes += extra
+            self._bytes += extra
+            while self._bytes > self.capacity_bytes and self._entries:
+                oldest = next(iter(self._entries))
+                self._drop(oldest)
+                self.stats.evictions += 1
+
     def invalidate(self, key: tuple[str, str]) -> None:
         with self._lock:
             self._drop(key)

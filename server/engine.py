@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from taskdelta.deltas import Base, PreparedDelta, Swapper, TaskDelta, loads, prepare, validate
+from taskdelta.deltas.mixed import MixedDelta, Mixer
+from taskdelta.deltas.validate import stamp as validation_stamp
 
 from .cache import CacheEntry, DeltaCache
 from .errors import BadTaskRequest, StoreUnavailable
-from .inference import classify, embed, generate
+from .inference import MixedPart, classify, classify_mixed, embed, embed_mixed, generate
 from .jobs import ClassifyJob, EmbedJob, GenerateJob, Job
 from .store import DeltaStore
 
@@ -55,13 +57,14 @@ class Checked:
 class Engine:
     def __init__(self, base: Base, store: DeltaStore, cache: DeltaCache,
                  version_check_s: float = 5.0,
-                 on_swap: Callable[[float], None] | None = None) -> None:
+                 on_swap: Callable[[float], None] | None = None, mixed: bool = False) -> None:
         self.base = base
         self.store = store
         self.cache = cache
         self.version_check_s = version_check_s
         self.swapper = Swapper(base)
         self.on_swap = on_swap
+        self.mixer = Mixer(base) if mixed else None  # mixed batches (opt-in): execute_mixed
         self._inflight: dict[tuple[str, str], asyncio.Future] = {}
 
     # --- accepting uploads (event loop; heavy work in a thread) --------------------------------
@@ -78,6 +81,7 @@ class Engine:
             "density": repr(delta.nnz / self.base.numel), "bytes": str(len(data)),
             "sha256": hashlib.sha256(data).hexdigest(), "base_fingerprint": meta.base_fingerprint,
             "created_at": repr(time.time()), "provenance": meta.provenance.model_dump_json(),
+            "validated_for": validation_stamp(self.base),  # these exact bytes (sha256) passed
         }
         return Checked(delta=delta, info=info)
 
@@ -143,14 +147,24 @@ class Engine:
         # while decoding finds nothing to drop, and the re-check must still come in time.
         read_at = time.monotonic()
         stored, blob = await self.store.get_blob(tenant, name)
-        prepared = await asyncio.to_thread(self._decode, blob, f"{tenant}/{name}")
+        checked = stored.info.get("validated_for") == validation_stamp(self.base)
+        prepared = await asyncio.to_thread(self._decode, blob, f"{tenant}/{name}", checked)
         self.cache.put((tenant, name), CacheEntry(version=stored.version, value=prepared,
                                                   nbytes=prepared.nbytes, checked_at=read_at))
         return prepared, stored.version
 
-    def _decode(self, blob: bytes, name: str) -> PreparedDelta:
-        delta = loads(blob)
-        validate(delta, self.base)  # the base may have changed since upload
+    def _decode(self, blob: bytes, name: str, checked: bool = False) -> PreparedDelta:
+        """Stored bytes -> the swap's form. `checked`: the store's record says these bytes passed
+        the full check against this base under these rules (`_check_upload`), and `get_blob`
+        verified that the bytes read back are those (their sha256, against that record). Then
+        the content checksum and the per-entry checks (index range and order, finite values)
+        are not repeated: they cost a cold task ~10 ms and cannot find anything new. The form
+        is still checked, and the swap checks every index again as it writes (the kernel, or
+        `global_idx` on the torch path), so even a Redis that holds matching but wrong bytes
+        (it is trusted: SECURITY.md) cannot corrupt the base. Anything else (a record without
+        the stamp, another base, older rules) is checked in full."""
+        delta = loads(blob, verify_checksum=not checked)
+        validate(delta, self.base, contents=not checked)  # the base may have changed since upload
         return prepare(delta, self.base, name=name)
 
     def invalidate(self, tenant: str, name: str) -> None:
@@ -194,6 +208,63 @@ class Engine:
             self.swapper.apply(prepared)
         if self.on_swap is not None:
             self.on_swap(time.perf_counter() - started)
+
+    # --- mixed batches (opt-in): several tasks in one forward, the base untouched --------------
+
+    def peek(self, key: str) -> PreparedDelta | None:
+        """The scheduler's look without waiting (event loop): the task's delta if it is cached and
+        confirmed recently enough, else None (a base, a cold task, one due for a version check)."""
+        tenant, name = key.split("/", 1)
+        entry = self.cache.get((tenant, name)) if name != BASE_TASK else None
+        if entry is None or time.monotonic() - entry.checked_at >= self.version_check_s:
+            return None
+        self.cache.stats.hits += 1
+        return entry.value
+
+    def mixable(self, prepared: PreparedDelta | None, job: Job) -> bool:
+        """Whether this request of this task may run in a mixed batch."""
+        if self.mixer is None or prepared is None or not isinstance(job, ClassifyJob | EmbedJob):
+            return False
+        return self.mixer.why_not(prepared) is None
+
+    def execute_mixed(self, parts: list[tuple[str, PreparedDelta | None, list[Job]]]) -> list[Any]:
+        """One forward (per input shape) for several tasks' classify/embed jobs: the base weights
+        stay as they are and each task's delta corrects its own rows. Results in the order of the
+        parts and their jobs. Within rounding of the merged model's outputs, not bit-identical."""
+        assert self.mixer is not None, "the engine was not built for mixed batches"
+        self._swap_to(None)  # the base, exactly: no task swapped in
+        tokenizer, backbone = self.base.tokenizer, self.base.backbone
+        by_kind: dict[type, list[tuple[int, MixedPart]]] = {}
+        for n, (key, prepared, jobs) in enumerate(parts):
+            mixed = self._mixed_form(key, prepared) if prepared is not None else None
+            for kind in (ClassifyJob, EmbedJob):
+                mine = [j for j in jobs if isinstance(j, kind)]
+                if mine:
+                    part = MixedPart(mixed, prepared.head if prepared else None,
+                                     prepared.labels if prepared else (), mine)
+                    by_kind.setdefault(kind, []).append((n, part))
+        answers: dict[tuple[int, type], list[Any]] = {}
+        for kind, run in ((ClassifyJob, classify_mixed), (EmbedJob, embed_mixed)):
+            group = by_kind.get(kind, [])
+            if group:
+                got = run(self.mixer, backbone, tokenizer, [part for _, part in group])
+                answers.update({(n, kind): list(r) for (n, _), r in zip(group, got, strict=True)})
+        results = []
+        for n, (_, _, jobs) in enumerate(parts):
+            for job in jobs:
+                results.append(answers[(n, type(job))].pop(0))
+        return results
+
+    def _mixed_form(self, key: str, prepared: PreparedDelta) -> MixedDelta:
+        """The delta's corrections, built on its first mixed batch and counted in its cache
+        entry's bytes from then on."""
+        assert self.mixer is not None
+        mixed = self.mixer.cached(prepared)
+        if mixed is None:
+            mixed = self.mixer.build(prepared)
+            tenant, name = key.split("/", 1)
+            self.cache.grow((tenant, name), prepared, mixed.nbytes)
+        return mixed
 
     def restore_base(self) -> None:
         """Put the exact base back (shutdown, tests)."""

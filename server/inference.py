@@ -11,11 +11,22 @@ from dataclasses import dataclass
 import torch
 
 from taskdelta.client.types import SamplingParams, StreamChunk, Usage
+from taskdelta.deltas.mixed import MixedDelta, Mixer, pooled_logits
 
 from .jobs import ClassifyJob, EmbedJob, GenerateJob
 
 MAX_TOKENS = 512  # classify / embed inputs
 MAX_PROMPT_TOKENS = 4096  # generate prompts (tail kept)
+
+
+@dataclass(frozen=True)
+class MixedPart:
+    """One task's share of a mixed batch: its corrections, its head (classify) and its jobs."""
+
+    mixed: MixedDelta | None  # None: the base itself
+    head: torch.nn.Module | None
+    labels: tuple[str, ...]
+    jobs: list
 
 
 @dataclass(frozen=True)
@@ -47,9 +58,74 @@ def classify(model: torch.nn.Module, tokenizer, labels: tuple[str, ...],
         enc = enc.to(_device(model))
         probs = model(**enc).logits.float().softmax(-1)  # [batch, labels]
         for (j, k, _), row in zip(group, probs.tolist(), strict=True):
-            best = max(range(len(row)), key=row.__getitem__)
-            out[j][k] = {"label": labels[best], "scores": dict(zip(labels, row, strict=True))}
+            out[j][k] = _scored(labels, row)
     return out
+
+
+def _scored(labels: tuple[str, ...], row: list[float]) -> dict:
+    best = max(range(len(row)), key=row.__getitem__)
+    return {"label": labels[best], "scores": dict(zip(labels, row, strict=True))}
+
+
+@torch.no_grad()
+def classify_mixed(mixer: Mixer, backbone: torch.nn.Module, tokenizer,
+                   parts: list[MixedPart]) -> list[list[list[dict]]]:
+    """`classify` for several tasks at once: per input shape (single texts, pairs) one forward of
+    the shared backbone with each task's corrections on its rows, then each task's head."""
+    items = [(p, j, k, t) for p, part in enumerate(parts) for j, job in enumerate(part.jobs)
+             for k, t in enumerate(job.texts)]  # grouped by task: its rows are contiguous
+    out = [[[{} for _ in job.texts] for job in part.jobs] for part in parts]
+    singles = [it for it in items if isinstance(it[3], str)]
+    pairs = [it for it in items if not isinstance(it[3], str)]
+    limit = max_tokens(backbone)
+    for group in (singles, pairs):
+        if not group:
+            continue
+        texts = [it[3] for it in group]
+        if group is pairs:
+            enc = tokenizer([a for a, _ in texts], [b for _, b in texts], padding=True,
+                            truncation=True, max_length=limit, return_tensors="pt")
+        else:
+            enc = tokenizer(texts, padding=True, truncation=True, max_length=limit,
+                            return_tensors="pt")
+        segments = _segments([it[0] for it in group])
+        with mixer.mixing([(a, b, parts[p].mixed) for p, a, b in segments], len(group)):
+            pooled = backbone(**enc.to(_device(backbone))).pooler_output  # [batch, hidden]
+        for p, a, b in segments:
+            probs = pooled_logits(parts[p].head, pooled[a:b]).float().softmax(-1)  # [rows, labels]
+            for (_, j, k, _), row in zip(group[a:b], probs.tolist(), strict=True):
+                out[p][j][k] = _scored(parts[p].labels, row)
+    return out
+
+
+@torch.no_grad()
+def embed_mixed(mixer: Mixer, backbone: torch.nn.Module, tokenizer,
+                parts: list[MixedPart]) -> list[list[list[list[float]]]]:
+    """`embed` for several tasks in one forward, each task's corrections on its rows."""
+    owners = [p for p, part in enumerate(parts) for job in part.jobs for _ in job.texts]
+    texts = [t for part in parts for job in part.jobs for t in job.texts]
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens(backbone),
+                    return_tensors="pt").to(_device(backbone))
+    segments = _segments(owners)
+    with mixer.mixing([(a, b, parts[p].mixed) for p, a, b in segments], len(texts)):
+        hidden = backbone(**enc).last_hidden_state.float()  # [batch, seq, hidden]
+    pooled = _mean_pool(hidden, enc["attention_mask"])
+    out, start = [], 0
+    for part in parts:
+        out.append(_split(pooled[start:], part.jobs))
+        start += sum(len(job.texts) for job in part.jobs)
+    return out
+
+
+def _segments(owners: list[int]) -> list[tuple[int, int, int]]:
+    """(owner, start, end) of each run of equal owners."""
+    runs: list[tuple[int, int, int]] = []
+    for i, p in enumerate(owners):
+        if runs and runs[-1][0] == p:
+            runs[-1] = (p, runs[-1][1], i + 1)
+        else:
+            runs.append((p, i, i + 1))
+    return runs
 
 
 @torch.no_grad()
@@ -59,8 +135,16 @@ def embed(backbone: torch.nn.Module, tokenizer, jobs: list[EmbedJob]) -> list[li
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens(backbone),
                     return_tensors="pt").to(_device(backbone))
     hidden = backbone(**enc).last_hidden_state.float()  # [batch, seq, hidden]
-    mask = enc["attention_mask"].unsqueeze(-1).float()  # [batch, seq, 1]
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [batch, hidden]
+    return _split(_mean_pool(hidden, enc["attention_mask"]), jobs)
+
+
+def _mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).float()  # [batch, seq, 1]
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [batch, hidden]
+
+
+def _split(pooled: torch.Tensor, jobs: list[EmbedJob]) -> list[list[list[float]]]:
+    """Each job's rows of `pooled` (from the first row on), L2-normalised where asked."""
     out, start = [], 0
     for job in jobs:
         rows = pooled[start : start + len(job.texts)]

@@ -23,6 +23,10 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.queue_wait = Histogram("taskdelta_queue_wait_seconds", "Time queued before running",
                                     registry=r, buckets=LATENCY_BUCKETS)
+        self.mixed_batches = Counter("taskdelta_mixed_batches", "Batches serving several tasks "
+                                     "in one forward (mixed_batches on)", registry=r)
+        self.mixed_tasks = Histogram("taskdelta_mixed_batch_tasks", "Tasks per mixed batch",
+                                     registry=r, buckets=(2, 3, 4, 6, 8, 12, 16, 32, 64, 128))
         self.swaps = Counter("taskdelta_swaps", "Delta swaps (task changes)", registry=r)
         self.swap_seconds = Histogram("taskdelta_swap_seconds", "Restore + apply time", registry=r,
                                       buckets=(1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1))
@@ -43,6 +47,10 @@ class Metrics:
         self.batch_size.observe(size)
         for w in waits:
             self.queue_wait.observe(w)
+
+    def observe_mixed(self, tasks: int, size: int) -> None:
+        self.mixed_batches.inc()
+        self.mixed_tasks.observe(tasks)
 
     def render(self, refresh: Callable[[], None] | None = None) -> bytes:
         if refresh is not None:

@@ -5,6 +5,11 @@ requests by task, keeps the swapped-in task while it has work (bounded by
 `max_consecutive_batches` and `max_hold_ms` once another task waits, so none starves) and
 otherwise picks the task whose oldest request has waited longest. Model work runs in one
 dedicated thread; queues, deadlines, cancellation and delta prefetch live on the event loop.
+
+With `mixing` (opt-in, settings.mixed_batches) a batch that its task leaves short of max_batch is
+filled with other tasks' queued requests, oldest first, where the engine can run them together in
+one forward: their deltas already loaded (a batch never waits on a cold load) and their requests
+of a mixable kind.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from taskdelta.server.errors import DeadlineExceeded, Overloaded
@@ -31,6 +37,16 @@ log = logging.getLogger(__name__)
 Execute = Callable[[str, Any, list[Any]], list[Any]]
 Load = Callable[[str], Awaitable[Any]]
 OnBatch = Callable[[str, int, list[float], float], None]
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """How to run requests of several tasks in one batch (the engine's side of it)."""
+
+    peek: Callable[[str], Any]  # task -> its loaded handle now, without waiting; else None
+    accepts: Callable[[Any, Any], bool]  # (handle, payload) -> may run in a mixed batch
+    execute: Callable[[list[tuple[str, Any, list[Any]]]], list[Any]]  # results flat, in order
+    on_batch: Callable[[int, int], None] | None = None  # (tasks, requests) of each mixed batch
 
 
 @dataclass(eq=False)
@@ -62,6 +78,7 @@ class Scheduler:
         request_timeout_s: float = 60.0,
         prefetch_depth: int = 2,
         on_batch: OnBatch | None = None,
+        mixing: Mixing | None = None,
     ) -> None:
         if min(max_batch, max_queue, max_queued_total, max_consecutive_batches) < 1:
             raise ValueError("max_batch, max_queue, max_queued_total and "
@@ -78,6 +95,7 @@ class Scheduler:
         self._execute = execute
         self._load = load
         self._on_batch = on_batch
+        self._mixing = mixing
 
         self._queues: dict[str, deque[_Request]] = {}  # only non-empty queues
         self._total = 0
@@ -95,15 +113,17 @@ class Scheduler:
         self._streak_started = 0.0
         self._batches = 0
         self._swaps = 0
+        self._mixed_batches = 0
 
     @classmethod
     def from_settings(cls, settings: Settings, execute: Execute, load: Load | None = None,
-                      on_batch: OnBatch | None = None) -> Scheduler:
+                      on_batch: OnBatch | None = None, mixing: Mixing | None = None) -> Scheduler:
         return cls(execute, load, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                    max_queue=settings.max_queue, max_queued_total=settings.max_queued_total,
                    max_consecutive_batches=settings.max_consecutive_batches,
                    max_hold_ms=settings.max_hold_ms, retry_after_s=settings.retry_after_s,
-                   request_timeout_s=settings.request_timeout_s, on_batch=on_batch)
+                   request_timeout_s=settings.request_timeout_s, on_batch=on_batch,
+                   mixing=mixing if settings.mixed_batches else None)
 
     # -- what the rest of the server reads ------------------------------------------------------
 
@@ -119,6 +139,11 @@ class Scheduler:
     def swaps(self) -> int:
         """How often the task changed between consecutive batches."""
         return self._swaps
+
+    @property
+    def mixed_batches(self) -> int:
+        """Batches that served several tasks in one forward."""
+        return self._mixed_batches
 
     @property
     def total_depth(self) -> int:
@@ -276,6 +301,10 @@ class Scheduler:
             batch = self._still_wanted(batch)  # loading took time: some may have gone
             if not batch:
                 return
+            groups = self._mix_in(task, handle, batch)
+            if groups is not None:
+                await self._run_mixed(groups)
+                return
             self._count_batch(task)
             self._prefetch_next(task)
             started = loop.time()
@@ -300,6 +329,94 @@ class Scheduler:
         for req, result in zip(batch, results, strict=True):
             _settle(req, result)
         self._report(task, len(batch), waits, run_s)
+
+    # -- mixed batches ----------------------------------------------------------------------------
+
+    def _mix_in(self, task: str, handle: Any,
+                batch: list[_Request]) -> list[tuple[str, Any, list[_Request]]] | None:
+        """The batch of `task` filled up to max_batch with queued requests of tasks whose deltas
+        are loaded, oldest first, as (task, handle, requests) groups; None when nothing joins
+        (the batch then runs as it would without mixing: one task, swapped in, exact)."""
+        mixing = self._mixing
+        room = self.max_batch - len(batch)
+        if mixing is None or room <= 0 or not self._queues:
+            return None
+        if not all(mixing.accepts(handle, req.payload) for req in batch):
+            return None
+        handles: dict[str, Any] = {}
+        taken: dict[str, list[_Request]] = {}
+        others = [q for t, q in self._queues.items() if t != task]
+        for req in heapq.merge(*others, key=attrgetter("seq")):  # oldest first
+            if req.task not in handles:
+                handles[req.task] = mixing.peek(req.task)
+            if handles[req.task] is None or not mixing.accepts(handles[req.task], req.payload):
+                continue
+            taken.setdefault(req.task, []).append(req)
+            room -= 1
+            if room == 0:
+                break
+        for t, reqs in taken.items():
+            self._dequeue(t, reqs)
+        mixed = [(task, handle, batch)]
+        mixed += [(t, handles[t], live) for t, reqs in taken.items() if (live := self._still_wanted(reqs))]
+        return mixed if len(mixed) > 1 else None  # the others went meanwhile: one task, exact
+
+    def _dequeue(self, task: str, reqs: list[_Request]) -> None:
+        queue = self._queues[task]
+        gone = set(map(id, reqs))
+        kept = deque(r for r in queue if id(r) not in gone)
+        for req in reqs:
+            req.queued = False
+        self._total -= len(queue) - len(kept)
+        if kept:
+            self._queues[task] = kept
+        else:
+            del self._queues[task]
+
+    async def _run_mixed(self, groups: list[tuple[str, Any, list[_Request]]]) -> None:
+        assert self._mixing is not None
+        loop = asyncio.get_running_loop()
+        first = groups[0][0]
+        batch = [req for _, _, reqs in groups for req in reqs]
+        try:
+            self._count_mixed()
+            self._prefetch_next(first)
+            started = loop.time()
+            waits = [started - req.enqueued_at for req in batch]
+            parts = [(t, h, [r.payload for r in reqs]) for t, h, reqs in groups]
+            self._executing = first
+            try:
+                results = await loop.run_in_executor(self._executor, self._mixing.execute, parts)
+            finally:
+                self._executing = None
+            run_s = loop.time() - started
+            results = list(results)
+            if len(results) != len(batch):
+                raise RuntimeError(f"execute_mixed returned {len(results)} results "
+                                   f"for {len(batch)} requests")
+        except asyncio.CancelledError:
+            _fail(batch, Overloaded("the server is shutting down", self.retry_after_s))
+            raise
+        except Exception as exc:  # the whole mixed batch fails with it
+            _fail(batch, exc)
+            return
+        for req, result in zip(batch, results, strict=True):
+            _settle(req, result)
+        self._report(first, len(batch), waits, run_s)
+        if self._mixing.on_batch is not None:
+            try:
+                self._mixing.on_batch(len(groups), len(batch))
+            except Exception:
+                log.exception("mixing.on_batch hook failed")
+
+    def _count_mixed(self) -> None:
+        """A mixed batch runs on the exact base: no task stays swapped in after it."""
+        if self._current is not None:
+            self._swaps += 1
+        self._current = None
+        self._streak_batches = 0
+        self._batches += 1
+        self._mixed_batches += 1
 
     def _count_batch(self, task: str) -> None:
         if task != self._current:
