@@ -5,14 +5,29 @@ indices, one run of increments and a [3, segments] table: each segment is one ba
 offset in the buffer, its size and where its entries end in the run. `apply` walks the run once:
 for every entry it checks the index (inside its tensor, above the one before it), keeps the weight
 and writes `weight + increment` computed in the weight's dtype as torch computes it (through float
-for the 16-bit types, rounded to nearest even), prefetching the weights 64 entries ahead. At a bad
-index it undoes everything it wrote and returns the position, so the base is as it was. `restore`
-writes the kept values back, last entry first. Long runs are split over torch's threads.
+for the 16-bit types, rounded to nearest even), prefetching the weight's line for writing 64
+entries ahead. In a tensor whose mask is structured (sampled: runs of consecutive indices), 16
+consecutive indices are checked together and written as one block. At a bad index it undoes
+everything it wrote and returns the position, so the base is as it was. `restore` writes the kept
+values back, last entry first. Long runs are split over torch's threads.
 
-Measured alternatives (same process, interleaved, 1 thread): checking every index in a separate
-vectorised pass first, then a bare gather-and-scatter loop, and restoring front to back, was 5-25 %
-slower: the checks in the loop cost nothing next to the cache misses, and walking back over the
-entries just written finds the most recent ones still in cache.
+Where the time goes: a mask spread at random over the weights puts nearly every entry of a
+<= 5 % delta in a 64-byte line of its own, and memory moves whole lines, so a swap moves 6-13x the
+bytes it uses (bench/swap.py's `lines/B` column) and cannot come near a copy of the useful bytes
+alone; a block-structured mask uses the lines it touches whole and can.
+
+Measured alternatives (bench/swap.py --variants: builds of this source with other -D knobs, same
+process, interleaved in rotating order, 1 thread, on a shared and busy 2-core AMD EPYC; medians):
+the block path, 15-40 % faster on a mask of 64-entry blocks (most in bf16); looking for runs in
+every tensor cost random masks up to a third, so it is only done where sampling finds them;
+PREFETCHW rather than a non-temporal prefetch hint, 0-5 % faster (within noise); prefetching 0,
+8, 16, 32 or 128 entries ahead, the temporal hint, int64 indices, non-temporal stores of the kept
+values and restoring front to back, all within noise of the defaults; no prefetch in restore,
+faster where apply has just left the lines in cache (as when the bench swaps back to back) but
+slower on the largest delta, whose lines have left the caches before restore (as in the server,
+where a forward pass runs between apply and restore). Earlier, on a Xeon: checking every index in
+a separate vectorised pass first was 5-25 % slower (the checks in the loop cost nothing next to the
+cache misses), and restoring front to back was slower.
 
 Built once with `torch.utils.cpp_extension.load_inline` (a C++ compiler and `ninja`) into
 `$TASKDELTA_CACHE_DIR/kernels/`, keyed by the source and the torch and Python versions, so later
@@ -43,15 +58,45 @@ SOURCE = r"""
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace {
 
-// Prefetch this many entries ahead, non-temporal: the weights are far larger than the caches and
-// each touched line is used once per pass. Measured on a Xeon (Sapphire Rapids, 2 cores): 64 ahead
-// beat 0, 8, 16, 32 and 128, and beat the temporal hint, by up to 1.7x where the weights miss L3.
-constexpr int64_t kAhead = 64;
-constexpr int64_t kGrain = 1 << 16;  // fewer entries than this per thread: not worth a thread
+// Tuning knobs, each a -D flag so that bench/swap.py --variants can build and time alternatives
+// side by side; the defaults are what measured best (see the module docstring).
+#ifndef TD_AHEAD
+#define TD_AHEAD 64  // prefetch the weight this many entries ahead (0: no prefetch)
+#endif
+#ifndef TD_RESTORE_AHEAD
+#define TD_RESTORE_AHEAD TD_AHEAD
+#endif
+#ifndef TD_LOCALITY
+#define TD_LOCALITY 0  // __builtin_prefetch's hint: 0 non-temporal .. 3 keep in every cache
+#endif
+#ifndef TD_PREFETCHW
+#define TD_PREFETCHW 1  // x86 PREFETCHW (fetch the line to write it), not the hint above
+#endif
+#ifndef TD_RUN
+#define TD_RUN 16  // a run of this many consecutive indices is written as one block (0: off)
+#endif
+#ifndef TD_GRAIN
+#define TD_GRAIN (1 << 16)
+#endif
+
+constexpr int64_t kAhead = TD_AHEAD;
+constexpr int64_t kRestoreAhead = TD_RESTORE_AHEAD;
+constexpr int64_t kRun = TD_RUN;
+constexpr int64_t kGrain = TD_GRAIN;  // fewer entries than this per thread: not worth a thread
+
+template <typename T>
+inline void prefetch_write(const T* p) {
+#if TD_PREFETCHW && (defined(__x86_64__) || defined(__i386__))
+  asm volatile("prefetchw %0" : : "m"(*reinterpret_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 1, TD_LOCALITY);
+#endif
+}
 
 template <typename T>
 inline T add_in_dtype(T w, T d) {
@@ -74,8 +119,77 @@ inline int64_t segment_of(const Segments& g, int64_t k) {
   return std::upper_bound(g.end, g.end + g.count, k) - g.end;
 }
 
-// Writes entries [lo, hi); returns hi, or the position of the first bad index (an index out of its
-// tensor or not above the one before it), nothing at or after which was written.
+// True where idx[k, k + kRun) are the consecutive indices j0, j0 + 1, ... inside [lo, n): a run
+// written as one block (every index in it is then sound: increasing and in range).
+template <typename I>
+inline bool is_run(const I* idx, int64_t k, int64_t lo, int64_t n) {
+  const int64_t j0 = idx[k];
+  if (j0 < lo || j0 + kRun > n || static_cast<int64_t>(idx[k + kRun - 1]) - j0 != kRun - 1) return false;
+  bool run = true;
+  for (int64_t i = 1; i < kRun - 1; ++i) run &= static_cast<int64_t>(idx[k + i]) == j0 + i;
+  return run;
+}
+
+// Whether entries [lo, hi) of one tensor look structured: at least a quarter of up to 64 evenly
+// spaced samples start a run. Only then does the loop look for runs; a random mask's loop stays
+// the plain entry-wise one (looking costs it up to a third more where consecutive pairs are common).
+template <typename I>
+bool has_runs(const I* idx, int64_t lo, int64_t hi) {
+  if (kRun == 0 || hi - lo < 4 * kRun) return false;
+  const int64_t samples = std::min<int64_t>(64, (hi - lo) / kRun);
+  int64_t found = 0;
+  for (int64_t i = 0; i < samples; ++i) {
+    const int64_t k = lo + (hi - lo - kRun) * i / samples;
+    found += static_cast<int64_t>(idx[k + kRun - 1]) - static_cast<int64_t>(idx[k]) == kRun - 1;
+  }
+  return 4 * found >= samples;
+}
+
+// Writes entries [k, stop) of one tensor (w, n entries; prev: the index before k, or -1); returns
+// stop, or the position of the first bad index (out of the tensor or not above the one before it),
+// nothing at or after which was written.
+template <bool Runs, typename T, typename I>
+int64_t apply_segment(T* w, int64_t n, const I* idx, const T* inc, T* kept, int64_t k, int64_t stop,
+                      int64_t prev) {
+  bool try_run = false;  // after two consecutive indices: look for a run
+  while (k < stop) {
+    if (Runs && try_run) {
+      if (k + kRun <= stop && is_run(idx, k, prev + 1, n)) {
+        const int64_t j0 = idx[k];
+        if (kAhead > 0 && k + kAhead + kRun <= stop) {
+          for (int64_t i = 0; i < kRun; i += 64 / sizeof(T)) {
+            const int64_t a = idx[k + kAhead + i];
+            if (a >= 0 && a < n) prefetch_write(w + a);
+          }
+        }
+        for (int64_t i = 0; i < kRun; ++i) {
+          const T v = w[j0 + i];
+          kept[k + i] = v;
+          w[j0 + i] = add_in_dtype(v, inc[k + i]);
+        }
+        prev = j0 + kRun - 1;
+        k += kRun;
+        continue;
+      }
+      try_run = false;
+    }
+    const int64_t j = idx[k];
+    if (j <= prev || j >= n) return k;
+    if (kAhead > 0 && k + kAhead < stop) {
+      const int64_t a = idx[k + kAhead];
+      if (a >= 0 && a < n) prefetch_write(w + a);
+    }
+    const T v = w[j];
+    kept[k] = v;
+    w[j] = add_in_dtype(v, inc[k]);
+    if (Runs) try_run = j == prev + 1;
+    prev = j;
+    ++k;
+  }
+  return k;
+}
+
+// Writes entries [lo, hi); returns hi, or the position of the first bad index.
 template <typename T, typename I>
 int64_t apply_range(T* buf, const Segments& g, const I* idx, const T* inc, T* kept, int64_t lo,
                     int64_t hi) {
@@ -85,24 +199,41 @@ int64_t apply_range(T* buf, const Segments& g, const I* idx, const T* inc, T* ke
     const int64_t n = g.numel[s];
     const int64_t start = s == 0 ? 0 : g.end[s - 1];
     const int64_t stop = std::min(hi, g.end[s]);
-    int64_t prev = k > start ? static_cast<int64_t>(idx[k - 1]) : -1;
-    for (; k < stop; ++k) {
-      const int64_t j = idx[k];
-      if (j <= prev || j >= n) return k;
-      if (k + kAhead < stop) {
-        const int64_t a = idx[k + kAhead];
-        if (a >= 0 && a < n) __builtin_prefetch(w + a, 1, 0);
-      }
-      const T v = w[j];
-      kept[k] = v;
-      w[j] = add_in_dtype(v, inc[k]);
-      prev = j;
-    }
+    const int64_t prev = k > start ? static_cast<int64_t>(idx[k - 1]) : -1;
+    k = has_runs(idx, k, stop) ? apply_segment<true>(w, n, idx, inc, kept, k, stop, prev)
+                               : apply_segment<false>(w, n, idx, inc, kept, k, stop, prev);
+    if (k < stop) return k;
   }
   return k;
 }
 
-// Writes kept values back over [lo, hi), last entry first.
+// Writes kept values back over entries [start, k] of one tensor, last entry first. An index out of
+// the tensor is skipped (it can only be one edited since apply).
+template <bool Runs, typename T, typename I>
+void restore_segment(T* w, int64_t n, const I* idx, const T* kept, int64_t start, int64_t k) {
+  int64_t last = -2;  // the index written just before (the next one in a run)
+  while (k >= start) {
+    if (Runs && last > 0 && static_cast<int64_t>(idx[k]) == last - 1) {
+      if (k - kRun + 1 >= start && is_run(idx, k - kRun + 1, 0, n)) {
+        std::memcpy(w + idx[k - kRun + 1], kept + k - kRun + 1, kRun * sizeof(T));
+        last = idx[k - kRun + 1];
+        k -= kRun;
+        continue;
+      }
+    }
+    if (kRestoreAhead > 0 && k - kRestoreAhead >= start) {
+      const int64_t a = idx[k - kRestoreAhead];
+      if (a >= 0 && a < n) prefetch_write(w + a);
+    }
+    const int64_t j = idx[k];
+    if (j >= 0 && j < n) w[j] = kept[k];
+    last = j;
+    --k;
+  }
+}
+
+// Writes kept values back over [lo, hi), last entry first: walking back over the entries just
+// written finds the most recent ones still in cache.
 template <typename T, typename I>
 void restore_range(T* buf, const Segments& g, const I* idx, const T* kept, int64_t lo, int64_t hi) {
   if (hi <= lo) return;
@@ -111,14 +242,11 @@ void restore_range(T* buf, const Segments& g, const I* idx, const T* kept, int64
     T* w = buf + g.off[s];
     const int64_t n = g.numel[s];
     const int64_t start = std::max(lo, s == 0 ? int64_t(0) : g.end[s - 1]);
-    for (; k >= start; --k) {
-      if (k - kAhead >= start) {
-        const int64_t a = idx[k - kAhead];
-        if (a >= 0 && a < n) __builtin_prefetch(w + a, 1, 0);
-      }
-      const int64_t j = idx[k];
-      if (j >= 0 && j < n) w[j] = kept[k];
-    }
+    if (has_runs(idx, start, k + 1))
+      restore_segment<true>(w, n, idx, kept, start, k);
+    else
+      restore_segment<false>(w, n, idx, kept, start, k);
+    k = start - 1;
   }
 }
 
@@ -232,36 +360,49 @@ void restore(at::Tensor buf, at::Tensor segs, at::Tensor idx, at::Tensor kept, i
 _FUNCTIONS = ["apply", "restore"]
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
+_variants: dict[tuple[str, ...], ModuleType | None] = {}
 
 
-def _key() -> str:
-    parts = [SOURCE, torch.__version__, sys.version, platform.machine()]
+def _key(flags: tuple[str, ...] = ()) -> str:
+    parts = [SOURCE, *flags, torch.__version__, sys.version, platform.machine()]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def build_dir() -> str:
-    return str(cache_dir() / "kernels" / f"swap-{_key()}")
+def build_dir(flags: tuple[str, ...] = ()) -> str:
+    return str(cache_dir() / "kernels" / f"swap-{_key(flags)}")
 
 
 def load() -> ModuleType | None:
     """The compiled kernel module, built on first use; None (warned once) where it cannot be."""
     with _lock:
         if "module" not in _state:
-            _state["module"] = _build()
+            if os.environ.get(DISABLE_ENV, "1") == "0":
+                log.info("swap kernel disabled by %s=0: using torch index ops", DISABLE_ENV)
+                _state["module"] = None
+            else:
+                _state["module"] = _build()
         return _state["module"]
 
 
-def _build() -> ModuleType | None:
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        log.info("swap kernel disabled by %s=0: using torch index ops", DISABLE_ENV)
-        return None
+def variant(**defines: int) -> ModuleType | None:
+    """The kernel built with other tuning knobs (`variant(TD_AHEAD=16)`): for bench/swap.py to
+    time alternatives against the default in one process."""
+    flags = tuple(f"-D{k}={v}" for k, v in sorted(defines.items()))
+    with _lock:
+        if flags not in _variants:
+            _variants[flags] = _build(flags)
+        return _variants[flags]
+
+
+def _build(flags: tuple[str, ...] = ()) -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load_inline
 
-        folder = build_dir()
+        folder = build_dir(flags)
         os.makedirs(folder, exist_ok=True)
-        return load_inline(name=f"taskdelta_swap_{_key()}", cpp_sources=[SOURCE], functions=_FUNCTIONS,
-                           extra_cflags=["-O3"], build_directory=folder, verbose=False)
+        return load_inline(name=f"taskdelta_swap_{_key(flags)}", cpp_sources=[SOURCE],
+                           functions=_FUNCTIONS, extra_cflags=["-O3", *flags], build_directory=folder,
+                           verbose=False)
     except Exception as exc:  # no compiler, no ninja, no headers, a read-only cache: all the same
         log.warning("cannot build the swap kernel (%s: %s); swapping with torch index ops instead, "
                     "which is correct but several times slower", type(exc).__name__,
@@ -273,3 +414,4 @@ def reset() -> None:
     """Forget the loaded kernel (tests: to exercise the fallback and the build again)."""
     with _lock:
         _state.clear()
+        _variants.clear()

@@ -149,6 +149,57 @@ def test_kernel_undoes_every_chunk_when_it_runs_on_threads(kernel, where):
     assert torch.equal(buf.view(torch.int32), original.view(torch.int32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where", ["none", "run starts at the index before it", "order broken in a run",
+                                   "run crosses the tensor's end", "run of a tensor is one too long"])
+def test_kernel_writes_runs_of_consecutive_indices_as_single_entries(kernel, dtype, where):
+    """A structured mask (runs of consecutive indices, which the kernel writes as blocks) gives
+    the bits of torch's gather-add-scatter; a bad index in or at the edge of a run is reported at
+    its own position and every write undone, on one thread or on two (the run is long enough for
+    two chunks)."""
+    gen = torch.Generator().manual_seed(1)
+    numel = (200_000, 150_000)  # two tensors, at offsets 0 and 200,000
+    buf = torch.randn(sum(numel), generator=gen).to(dtype)
+    original = buf.clone()
+    local = []
+    for n in numel:  # runs of 40 at random places (not aligned to the kernel's blocks), strays
+        starts = torch.randperm(n // 40, generator=gen)[: n // 80] * 40 + torch.randint(0, 7, (1,))
+        runs = (starts[:, None] + torch.arange(40)).reshape(-1)
+        local.append(torch.cat([runs, torch.randperm(n, generator=gen)[:3000]]).unique())
+        local[-1] = local[-1][local[-1] < n]
+    idx = torch.cat(local).to(torch.int32)
+    ends = [local[0].numel(), idx.numel()]
+    segs = torch.tensor([[0, numel[0]], list(numel), ends])
+    inc = torch.randn(idx.numel(), generator=gen).to(dtype)
+    k = ends[0] + 5000  # inside the second tensor, past the two-thread seam or not
+    while idx[k + 39] - idx[k] != 39:  # the start of a run of 40
+        k += 1
+    expect = {"none": -1, "run starts at the index before it": k, "order broken in a run": k + 20,
+              "run crosses the tensor's end": ends[0] - 3, "run of a tensor is one too long": ends[1] - 1}
+    if where == "run starts at the index before it":
+        idx[k] = idx[k - 1]
+    elif where == "order broken in a run":
+        idx[k + 20] = idx[k + 19]
+    elif where == "run crosses the tensor's end":  # the first tensor: one run, ending at n + 2
+        idx[: ends[0]] = torch.arange(numel[0] - ends[0] + 3, numel[0] + 3)
+    elif where == "run of a tensor is one too long":
+        idx[ends[0]:] = torch.arange(numel[1] - (ends[1] - ends[0]) + 1, numel[1] + 1)
+    assert idx.numel() >= 2 * 65_536  # two chunks on two threads (the kernel's grain)
+    want = original.clone()
+    if where == "none":
+        at = idx.long() + torch.tensor([0, numel[0]]).repeat_interleave(
+            torch.tensor([ends[0], ends[1] - ends[0]]))
+        want[at] = (original[at].float() + inc.float()).to(dtype)
+    for threads in (1, 2):
+        kept = torch.empty_like(inc)
+        bad = kernel.apply(buf, segs, idx, inc, kept, threads)
+        assert bad == expect[where], threads
+        if bad == -1:
+            assert torch.equal(bits(buf), bits(want)), threads
+            kernel.restore(buf, segs, idx, kept, threads)
+        assert torch.equal(bits(buf), bits(original)), threads
+
+
 def test_kernel_refuses_a_segment_outside_the_buffer(kernel):
     buf = torch.zeros(100)
     segs = torch.tensor([[90], [20], [1]])  # 90 + 20 > 100
