@@ -61,6 +61,10 @@ class SparseMatrix:
         """(crow [rows + 1], col [nnz]) for the torch path (without the compiled kernel)."""
         rows, cols = self.shape
         local = self.idx.long()
+        # the only check torch's unchecked CSR needs (a stamped cold load skips validate's
+        # per-entry checks): every entry inside the matrix; then row and column are in range
+        if local.numel() and not (int(local.min()) >= 0 and int(local.max()) < rows * cols):
+            raise IndexError(f"a delta index lies outside its {rows}x{cols} matrix")
         crow = torch.zeros(rows + 1, dtype=self.idx.dtype, device=self.idx.device)
         crow[1:] = torch.cumsum(torch.bincount(local // cols, minlength=rows), 0)
         return crow, (local % cols).to(self.idx.dtype)
