@@ -66,6 +66,7 @@ from serve_report import report  # noqa: E402
 from taskdelta.deltas import (  # noqa: E402
     dumps,
     load_base,
+    prepare,
     random_delta,
     resolve_base,
 )
@@ -308,6 +309,8 @@ def run_classify(args, redis: RedisServer, work: Path, out: dict) -> None:
     names = [f"c{i:04d}" for i in range(count)]
     keep = set(names[:max(naive_tasks)]) if naive_tasks else set()
     print(f"classify on minilm: {len(names)} tasks at density {args.density}", flush=True)
+    if args.cache_bytes is None and scenarios & {"classify", "mixed"}:
+        size_cache(args, base, max(args.tasks), out)
     send = classify_send()
     with taskdelta_server(args, "minilm", redis, work) as srv:
         up = asyncio.run(upload_all(srv.url, base, names, args.density, "classify", args.seed * 10**6,
@@ -368,6 +371,16 @@ def run_classify(args, redis: RedisServer, work: Path, out: dict) -> None:
                                     probe=stats_probe, prewarm=False) for t in args.naive_tasks]
                     rows += sweep(naive_args, srv, levels, clients)
     del base
+
+
+def size_cache(args, base, tasks: int, out: dict) -> None:
+    """A delta cache that holds every task of the largest T (1.25 x their prepared bytes, room
+    for the mixed form's few dense vectors): both modes measure serving, not cache misses."""
+    sample = prepare(random_delta(base, args.density, seed=args.seed * 10**6, kind="classify"), base)
+    args.cache_bytes = int(tasks * sample.nbytes * 1.25)
+    out["args"]["cache_bytes"] = out["classify_cache_bytes"] = args.cache_bytes
+    print(f"  delta cache: {args.cache_bytes / 2**30:.2f} GiB ({tasks} tasks x "
+          f"{sample.nbytes / 1e6:.2f} MB prepared x 1.25)", flush=True)
 
 
 def run_generate(args, redis: RedisServer, work: Path, out: dict) -> None:
@@ -436,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-duration", type=float, default=32.0)
     p.add_argument("--gen-rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each server process")
-    p.add_argument("--cache-bytes", type=int, default=None, help="server's delta cache (default: its own)")
+    p.add_argument("--cache-bytes", type=int, default=None,
+                   help="server's delta cache (default: for classify / mixed, every task of the "
+                   "largest --tasks with room to spare; else the server's own)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")

@@ -155,6 +155,9 @@ def report(out: dict, plots: Path | None, md: Path | None = None) -> None:
     m = out["machine"]
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, server threads "
           f"{m['server_torch_threads']}, load average {m['loadavg_start']} -> {m.get('loadavg_end')}")
+    if out.get("classify_cache_bytes"):
+        print(f"classify servers' delta cache: {out['classify_cache_bytes'] / 2**30:.2f} GiB "
+              "(every task of the largest T)")
     for key, title in (("classify", "classify on minilm"), ("generate", "generate on smollm2-135m")):
         if out.get(key):
             print(f"\n{title}\n" + table(out[key], markdown=False))

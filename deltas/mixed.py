@@ -121,6 +121,7 @@ class Mixer:
         self._verdicts: weakref.WeakKeyDictionary[PreparedDelta, str | None] = (
             weakref.WeakKeyDictionary())
         self._segments: list[tuple[int, int, MixedDelta | None]] | None = None
+        self._plans: dict[str, _Plan] = {}
         self._rows = 0
         self._counts = torch.zeros(0, dtype=torch.long)
         # built (or loaded) now, at startup, not on the first mixed batch
@@ -240,17 +241,40 @@ class Mixer:
         self._segments = tiles
         self._rows = rows
         self._counts = torch.tensor([b - a for a, b, _ in tiles], device=self.base.device)
+        self._plans = self._plan(tiles)
         try:
             yield
         finally:
             self._segments = None
+            self._plans = {}
+
+    def _plan(self, tiles: list[tuple[int, int, MixedDelta | None]]) -> dict[str, _Plan]:
+        """Per module the batch corrects, its fixes and the kernels' arguments, once a batch
+        (not once a module call)."""
+        names = {n: None for _, _, m in tiles if m is not None for n in m.fixes}  # ordered set
+        plans: dict[str, _Plan] = {}
+        for name in names:
+            fixes = [m.fixes.get(name) if m is not None else None for _, _, m in tiles]
+            sparse = [(a, b, f.weight) for (a, b, _), f in zip(tiles, fixes, strict=True)
+                      if isinstance(f, LinearFix | EmbeddingFix) and f.weight is not None]
+            vectors = [(a, b, *_vectors(f)) for (a, b, _), f in zip(tiles, fixes, strict=True)
+                       if isinstance(f, LinearFix | NormFix)
+                       and (f.bias is not None or isinstance(f, NormFix) and f.weight is not None)]
+            plans[name] = _Plan(
+                fixes=fixes,
+                sparse=([w.idx for _, _, w in sparse], [w.val for _, _, w in sparse],
+                        [a for a, _, _ in sparse], [b for _, b, _ in sparse]),
+                vectors=([g for _, _, g, _ in vectors], [b for _, _, _, b in vectors],
+                         [a for a, _, _, _ in vectors], [b for _, b, _, _ in vectors]),
+                gamma=any(g.numel() for _, _, g, _ in vectors),
+                vocab=sparse[0][2].shape[0] if sparse else 0)
+        return plans
 
     def _hook(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> Any:
-        segments = self._segments
-        if segments is None:
+        if self._segments is None:
             return None
-        fixes = [m.fixes.get(name) if m is not None else None for _, _, m in segments]
-        if not any(fixes):
+        plan = self._plans.get(name)
+        if plan is None:
             return None
         x = args[0]
         if output.shape[0] != self._rows:  # shared across rows ([1, seq] position ids): per row now
@@ -258,51 +282,56 @@ class Mixer:
                 raise RuntimeError(f"{name}: {output.shape[0]} output rows in a batch of {self._rows}")
             output = output.expand(self._rows, *output.shape[1:]).contiguous()
             x = x.expand(self._rows, *x.shape[1:])
-        if isinstance(module, nn.Linear):
-            self._linear(x, output, fixes)
+        if self._kernel is not None and output.dtype == torch.float32:
+            self._fix(self._kernel, module, plan, x, output)
+        elif isinstance(module, nn.Linear):
+            self._linear(x, output, plan.fixes)
         elif isinstance(module, nn.Embedding):
-            self._embedding(x, output, fixes)
+            self._embedding(x, output, plan.fixes)
         else:
-            self._norm(module, x, output, fixes)
+            self._norm(module, x, output, plan.fixes)
         return output
+
+    def _fix(self, kernel: Any, module: nn.Module, plan: _Plan, x: torch.Tensor,
+             y: torch.Tensor) -> None:
+        """The compiled kernels: one call per correction kind for all the batch's tasks."""
+        per_row = y[0].numel() // y.shape[-1]  # tokens per batch row
+        y2 = y.view(-1, y.shape[-1])  # [tokens, out]
+        if isinstance(module, nn.Embedding):
+            kernel.embedding_fix(x.reshape(-1).long().contiguous(), y2, plan.vocab, per_row,
+                                 *plan.sparse)
+            return
+        if isinstance(module, nn.Linear) and plan.sparse[0]:
+            kernel.linear_fix(x.reshape(-1, x.shape[-1]).contiguous(), y2, per_row, *plan.sparse)
+        if plan.vectors[0]:
+            scale = _NONE
+            if plan.gamma:  # norm(x): layer_norm without its affine part, [tokens, hidden]
+                scale = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+                scale = scale.reshape(y2.shape).contiguous()
+            kernel.rows_fix(y2, scale, per_row, *plan.vectors)
+
+    # -- the torch path (no compiled kernels) ----------------------------------------------------
 
     def _linear(self, x: torch.Tensor, y: torch.Tensor, fixes: list) -> None:
         segments = self._segments or []
         per_row = y[0].numel() // y.shape[-1]  # tokens per batch row
         x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
         y2 = y.view(-1, y.shape[-1])  # [tokens, out]
-        runs = [(a * per_row, b * per_row, f.weight) for (a, b, _), f in zip(segments, fixes, strict=True)
-                if f is not None and f.weight is not None]
-        if runs:
-            self._sparse_mm(x2, y2, runs)
+        for (a, b, _), f in zip(segments, fixes, strict=True):
+            if f is not None and f.weight is not None:  # y[a:b] += x[a:b] @ ΔWᵀ
+                rows = slice(a * per_row, b * per_row)
+                y2[rows].add_(torch.sparse.mm(f.weight.tensor, x2[rows].t().contiguous()).t())
         self._add_per_row(y, [f.bias if f is not None else None for f in fixes])
-
-    def _sparse_mm(self, x: torch.Tensor, y: torch.Tensor,
-                   runs: list[tuple[int, int, SparseMatrix]]) -> None:
-        """y[a:b] += x[a:b] @ ΔWᵀ for each run (a, b, ΔW)."""
-        if self._kernel is not None and x.dtype == torch.float32:
-            self._kernel.linear_fix(x.contiguous(), y, [w.idx for _, _, w in runs],
-                                    [w.val for _, _, w in runs], [a for a, _, _ in runs],
-                                    [b for _, b, _ in runs])
-            return
-        for a, b, w in runs:
-            y[a:b].add_(torch.sparse.mm(w.tensor, x[a:b].t().contiguous()).t())
 
     def _embedding(self, ids: torch.Tensor, y: torch.Tensor, fixes: list) -> None:
         segments = self._segments or []
         per_row = ids[0].numel()
         flat = ids.reshape(-1)  # [tokens]
         y2 = y.view(-1, y.shape[-1])  # [tokens, hidden]
-        runs = [(a * per_row, b * per_row, f.weight) for (a, b, _), f in zip(segments, fixes, strict=True)
-                if f is not None]
-        if self._kernel is not None and y.dtype == torch.float32:
-            vocab = runs[0][2].shape[0] if runs else 0
-            self._kernel.embedding_fix(flat.long().contiguous(), y2, vocab,
-                                       [w.idx for _, _, w in runs], [w.val for _, _, w in runs],
-                                       [a for a, _, _ in runs], [b for _, b, _ in runs])
-            return
-        for a, b, w in runs:
-            _add_rows(flat[a:b].long(), y2[a:b], w)
+        for (a, b, _), f in zip(segments, fixes, strict=True):
+            if f is not None:
+                rows = slice(a * per_row, b * per_row)
+                _add_rows(flat[rows].long(), y2[rows], f.weight)
 
     def _norm(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, fixes: list) -> None:
         gammas = [f.weight if f is not None else None for f in fixes]
@@ -325,6 +354,26 @@ class Mixer:
             y.add_(rows)
         else:
             y.addcmul_(scale, rows)
+
+
+_NONE = torch.empty(0)  # the kernels' "no vector"
+
+
+def _vectors(fix: LinearFix | NormFix) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Δγ, Δβ) of a LayerNorm, (none, Δb) of a Linear; _NONE where absent."""
+    gamma = fix.weight if isinstance(fix, NormFix) else None
+    return (_NONE if gamma is None else gamma, _NONE if fix.bias is None else fix.bias)
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """One module's corrections in one batch."""
+
+    fixes: list[Fix | None]  # per tile (the torch path)
+    sparse: tuple[list, list, list, list]  # idx, val, start row, end row of each ΔW / ΔE
+    vectors: tuple[list, list, list, list]  # Δγ, Δβ (or none, Δb), start row, end row
+    gamma: bool  # any Δγ: the kernel needs norm(x)
+    vocab: int  # ΔE's rows (an Embedding)
 
 
 def _add_rows(ids: torch.Tensor, y: torch.Tensor, w: SparseMatrix) -> None:

@@ -123,6 +123,45 @@ def test_mixed_batch_matches_each_tasks_merged_model_and_leaves_the_base_exact(
     assert max_diff(plain, flat_want[:2]) > 10 * PROB_ATOL
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_linear_kernel_equals_dense_products_for_any_run_length_and_skips_out_of_place_indices(
+        index_dtype):
+    """Runs of 1 to 130 rows (one pass and several, 8-row vectors full and not), a base gap, two
+    tokens a row; indices below a column's first or past the matrix are skipped, not read; the
+    same call twice gives the same bits."""
+    kernel = _mixed_kernel.load()
+    if kernel is None:
+        pytest.skip("the mixed kernels cannot be built here")
+    gen = torch.Generator().manual_seed(0)
+    out, inp, per_row = 40, 24, 2
+    lengths = [1, 7, 4, 9, 18, 36, 64, 65]  # batch rows (x2 tokens: up to 130 rows a run)
+    starts = [sum(lengths[:i]) + (3 if i >= 3 else 0) for i in range(len(lengths))]  # a gap
+    ends = [a + n for a, n in zip(starts, lengths, strict=True)]
+    x = torch.randn(per_row * ends[-1], inp, generator=gen)
+    y = torch.randn(per_row * ends[-1], out, generator=gen)
+    want = y.double()
+    idxs, vals = [], []
+    for a, b in zip(starts, ends, strict=True):
+        dense = torch.randn(out, inp, generator=gen) * (torch.rand(out, inp, generator=gen) < 0.1)
+        flat = dense.flatten().nonzero().flatten()
+        junk_low = torch.tensor([-7, -1])  # before column 0's first index
+        junk_high = torch.tensor([out * inp, out * inp + 5, 2**30])  # past the matrix
+        idxs.append(torch.cat([junk_low, flat, junk_high]).to(index_dtype))
+        vals.append(torch.cat([torch.full((2,), 1e30), dense.flatten()[flat], torch.full((3,), 1e30)]))
+        rows = slice(per_row * a, per_row * b)
+        want[rows] += x[rows].double() @ dense.double().t()
+    got = y.clone()
+    kernel.linear_fix(x, got, per_row, idxs, vals, starts, ends)
+    assert torch.allclose(got.double(), want, atol=1e-5, rtol=0)
+    again = y.clone()
+    kernel.linear_fix(x, again, per_row, idxs, vals, starts, ends)
+    assert torch.equal(bits(got), bits(again))
+    shuffled = [i[torch.randperm(i.numel(), generator=gen)].contiguous() for i in idxs]
+    kernel.linear_fix(x, again, per_row, shuffled, vals, starts, ends)  # wrong sums, in bounds
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel.linear_fix(x, again, per_row, idxs[:1], vals[:1], [0], [ends[-1] + 1])
+
+
 def test_single_task_batches_stay_bit_exact_with_the_mode_on(tiny_bert, engine):
     """The hooks do nothing outside a mixed batch: a swapped-in task answers exactly as without."""
     d = deltas(tiny_bert, ["classify"])[0]
