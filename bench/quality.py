@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from taskdelta.deltas.recipe import load_task_data, sparse_lr  # noqa: E402
 from taskdelta.deltas.train import (  # noqa: E402
     TrainConfig,
     gradient_scores,
+    probe_head,
     refit,
     train_full,
     train_sparse,
@@ -79,7 +81,9 @@ def mcc(preds: list[int], labels: list[int]) -> float:
     return (tp * tn - fp * fn) / den if den else 0.0
 
 
-def run_task(base, name: str, spec: TaskSpec, args: argparse.Namespace) -> list[Result]:
+def run_task(base, name: str, spec: TaskSpec, args: argparse.Namespace, results: list[Result],
+             flush: Callable[[], None]) -> None:
+    """Append each of the task's results to `results` as it is measured, calling `flush` after each."""
     t0 = time.perf_counter()
     data = load_task_data(base, DATA / spec.file, "classify", text_col=spec.text, label_col=spec.label,
                           pair_col=spec.pair, val_size=args.val_size,
@@ -90,7 +94,6 @@ def run_task(base, name: str, spec: TaskSpec, args: argparse.Namespace) -> list[
                          seed=args.seed, head_lr=args.head_lr)
     log(f"{name}: {len(data.train)} train / {len(data.val)} validation examples, {steps} steps of "
         f"{args.batch_size}, labels {data.labels}")
-    results: list[Result] = []
 
     def record(method: str, target: float, delta, trained, seconds: float, stored: int | None = None) -> None:
         score, acc = serve_score(base, delta, data.val_texts, data.val_labels, spec.metric)
@@ -100,46 +103,56 @@ def run_task(base, name: str, spec: TaskSpec, args: argparse.Namespace) -> list[
                    round(acc, 2), size, round(trained.train_loss, 4) if trained else None, round(seconds, 1),
                    compact)
         results.append(r)
+        flush()
         log(f"  {r.column:<20} {spec.metric} {r.score:6.2f}  ({r.bytes / 1e6:8.2f} MB, loss "
             f"{r.train_loss}, {r.seconds:.0f} s)")
 
-    t = time.perf_counter()
-    full = train_full(base, "classify", data.labels, data.train, replace(common, lr=args.full_lr))
-    dense = extract(base, full.model.net, 1.0)  # every changed entry: the full fine-tune, served
-    checkpoint = 4 * sum(p.numel() for p in full.model.net.parameters())
-    record("full", 1.0, dense, full, time.perf_counter() - t, stored=checkpoint)
-    del dense
+    full = None
+    if "full" in args.methods:
+        t = time.perf_counter()
+        full = train_full(base, "classify", data.labels, data.train, replace(common, lr=args.full_lr))
+        dense = extract(base, full.model.net, 1.0)  # every changed entry: the full fine-tune, served
+        checkpoint = 4 * sum(p.numel() for p in full.model.net.parameters())
+        record("full", 1.0, dense, full, time.perf_counter() - t, stored=checkpoint)
+        del dense
 
-    t = time.perf_counter()
-    scores = gradient_scores(base, "classify", data.labels, data.train, common, args.mask_batches)
-    score_s = time.perf_counter() - t
-    for mask_kind in args.masks:
-        for density in args.densities:
-            t = time.perf_counter()
-            mask = mask_from_scores(mask_kind, scores, density, exclude=args.exclude)
-            trained = train_sparse(base, "classify", data.labels, data.train, mask,
-                                   replace(common, lr=sparse_lr(density, args.sparse_lr)))
-            delta = trained.model.to_delta("sparse-train", mask=mask_kind, target_density=density)
-            record(mask_kind, density, delta, trained, time.perf_counter() - t + score_s)
-    del scores
+    if full is not None and "extract" in args.methods:
+        t = time.perf_counter()
+        extracted = extract(base, full.model.net, args.extract_density)
+        record("extract", args.extract_density, extracted, None, time.perf_counter() - t)
+        t = time.perf_counter()
+        refitted = refit(base, extracted, data.train,
+                         replace(common, lr=args.refit_lr, head_lr=args.refit_head_lr))
+        record("extract+refit", args.extract_density, refitted.model.to_delta("extract+refit"), refitted,
+               time.perf_counter() - t)
+        del full
 
-    t = time.perf_counter()
-    extracted = extract(base, full.model.net, args.extract_density)
-    record("extract", args.extract_density, extracted, None, time.perf_counter() - t)
-    t = time.perf_counter()
-    refitted = refit(base, extracted, data.train,
-                     replace(common, lr=args.refit_lr, head_lr=args.refit_head_lr))
-    record("extract+refit", args.extract_density, refitted.model.to_delta("extract+refit"), refitted,
-           time.perf_counter() - t)
+    if "sparse" in args.methods:
+        t = time.perf_counter()
+        probe_steps = math.ceil(args.probe_epochs * len(data.train) / args.batch_size)
+        heads = (probe_head(base, "classify", data.labels, data.train, common, probe_steps, args.probe_lr)
+                 if probe_steps else None)
+        scores = gradient_scores(base, "classify", data.labels, data.train, common, args.mask_batches,
+                                 heads=heads)
+        score_s = time.perf_counter() - t
+        for density in args.densities:  # in the order given: a run cut short has the first ones
+            for mask_kind in args.masks:
+                t = time.perf_counter()
+                mask = mask_from_scores(mask_kind, scores, density, exclude=args.exclude)
+                trained = train_sparse(base, "classify", data.labels, data.train, mask,
+                                       replace(common, lr=sparse_lr(density, args.sparse_lr)), heads=heads)
+                delta = trained.model.to_delta("sparse-train", mask=mask_kind, target_density=density)
+                record(mask_kind, density, delta, trained, time.perf_counter() - t + score_s)
+        del scores
+
     log(f"{name}: {time.perf_counter() - t0:.0f} s")
-    return results
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated, of {', '.join(TASKS)}")
     p.add_argument("--train-size", type=int, default=None, help="training examples per task "
-                   "(default: per task, 2000 single-text / 1000 pair)")
+                   "(default: per task, see TASKS in quality_report.py)")
     p.add_argument("--val-size", type=int, default=500, help="validation examples carved per task")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (overrides --epochs)")
@@ -148,7 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--densities", type=lambda s: [float(x) for x in s.split(",")],
                    default=[0.001, 0.005, 0.01])
     p.add_argument("--masks", type=lambda s: s.split(","), default=["grad", "fisher"])
+    p.add_argument("--methods", type=lambda s: s.split(","), default=["full", "sparse", "extract"],
+                   help="which of full, sparse, extract (extract and refit need full) to run")
     p.add_argument("--mask-batches", type=int, default=16)
+    p.add_argument("--probe-epochs", type=float, default=0.0,
+                   help="sparse runs: train a fresh head alone (frozen base) for this many epochs first; "
+                        "masks are scored and sparse training starts from the probed head")
+    p.add_argument("--probe-lr", type=float, default=1e-2, help="head learning rate of the probe")
     p.add_argument("--exclude", type=lambda s: [x for x in s.split(",") if x], default=[],
                    help="grad/fisher masks: tensors whose name contains one of these get no entries")
     p.add_argument("--extract-density", type=float, default=0.01)
@@ -163,7 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for quality.md/.json/.png")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: render quality.md and .png again from OUT/quality.json")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
+                   help="train nothing: render one report in OUT from the quality.json of runs made side "
+                        "by side on different --tasks (same settings otherwise)")
     args = p.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     if args.report_only:
         results, saved, minutes, command = load_results(args.out / "quality.json")
         saved = argparse.Namespace(**{**saved, "out": args.out})
@@ -172,6 +197,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    if unknown_methods := set(args.methods) - {"full", "sparse", "extract"}:
+        p.error(f"unknown methods {sorted(unknown_methods)}; known: full, sparse, extract")
+    if "extract" in args.methods and "full" not in args.methods:
+        p.error("extract takes its entries from the full fine-tune: --methods must include full")
     names = args.tasks.split(",")
     unknown = [n for n in names if n not in TASKS]
     if unknown:
@@ -179,15 +208,46 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     base = load_base("minilm", device="cpu")
     results: list[Result] = []
-    for name in names:
-        results += run_task(base, name, TASKS[name], args)
-    minutes = (time.perf_counter() - t0) / 60
     args.out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python bench/quality.py", *(argv if argv is not None else sys.argv[1:])])
-    write_report(args.out, results, args, names, minutes, command)
+
+    def flush() -> None:  # after every result: a run cut short still leaves what it measured
+        done = [n for n in names if any(r.task == n for r in results)]
+        write_report(args.out, results, args, done, (time.perf_counter() - t0) / 60, command)
+
+    for name in names:
+        run_task(base, name, TASKS[name], args, results, flush)
+    minutes = (time.perf_counter() - t0) / 60
     log(f"wrote {args.out}/quality.md, quality.json, quality.png in {minutes:.1f} min")
 
 
+
+
+def merge(dirs: list[Path], out: Path) -> None:
+    """One report from runs made side by side (disjoint tasks, or the same tasks and disjoint
+    columns: e.g. --densities 0.01 and --methods sparse --densities 0.005,0.001). Its wall time is
+    the longest run's."""
+    runs = [load_results(d / "quality.json") for d in dirs]
+    free = ("tasks", "out", "threads", "methods", "densities", "masks")
+    same = [k for k in runs[0][1] if k not in free]
+    for d, (_, saved, _, _) in zip(dirs[1:], runs[1:], strict=True):
+        if differ := [k for k in same if saved.get(k) != runs[0][1][k]]:
+            raise SystemExit(f"{d}: not the same settings as {dirs[0]}: {differ}")
+    results = [r for res, _, _, _ in runs for r in res]
+    if len({(r.task, r.column) for r in results}) != len(results):
+        raise SystemExit("the runs overlap: a (task, column) appears twice")
+    order = DEFAULT_TASKS.split(",") + [t for t in TASKS if t not in DEFAULT_TASKS.split(",")]
+    names = sorted({n for _, saved, _, _ in runs for n in saved["tasks"].split(",")}, key=order.index)
+    results.sort(key=lambda r: names.index(r.task))
+    densities = sorted({d for _, saved, _, _ in runs for d in saved["densities"]})
+    masks = list(dict.fromkeys(m for _, saved, _, _ in runs for m in saved["masks"]))
+    args = argparse.Namespace(**{**runs[0][1], "tasks": ",".join(names), "out": out, "densities": densities,
+                                 "masks": masks})
+    minutes = max(m for _, _, m, _ in runs)
+    command = " & ".join(c for _, _, _, c in runs) + "  # side by side"
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out, results, args, names, minutes, command)
+    log(f"wrote {out}/quality.md, quality.json, quality.png from {len(dirs)} runs")
 
 
 if __name__ == "__main__":

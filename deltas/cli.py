@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -226,6 +227,10 @@ def train(
     density: Annotated[float, typer.Option(help="Fraction of base entries to train")] = 0.01,
     mask: Annotated[str, typer.Option(help="grad | fisher | magnitude | random")] = "grad",
     mask_batches: Annotated[int, typer.Option(help="Batches the grad / fisher scores sum over")] = 16,
+    probe_epochs: Annotated[float, typer.Option(
+        help="classify: first train a fresh head alone on the frozen base for this many epochs; the "
+             "mask is scored and sparse training starts from that head (docs/quality.md uses 1)")] = 0.0,
+    probe_lr: Annotated[float, typer.Option(help="The probe's head learning rate")] = 1e-2,
     exclude: Annotated[list[str] | None, typer.Option(
         help="grad / fisher: tensors whose name contains this get no entries (their share of the "
              "budget goes to the rest); repeatable, e.g. --exclude word_embeddings")] = None,
@@ -251,7 +256,7 @@ def train(
     from .format import save
     from .masks import MASK_KINDS, mask_nnz
     from .recipe import choose_mask, default_kind, describe, load_task_data, provenance, sparse_lr
-    from .train import TrainConfig, evaluate, train_sparse
+    from .train import TrainConfig, evaluate, probe_head, train_sparse
     from .validate import validate
 
     kind = kind or default_kind(data)
@@ -268,11 +273,15 @@ def train(
         task = load_task_data(b, data, kind, text_col=text_col, label_col=label_col, pair_col=pair_col,
                               val_size=val_size, train_size=train_size, max_length=max_length, seed=seed)
         with _bar() as bar:
+            steps = math.ceil(probe_epochs * len(task.train) / cfg.batch_size)
+            heads = (probe_head(b, kind, task.labels, task.train, cfg, steps, probe_lr,
+                                progress=_stepper(bar)) if steps else None) or None
             chosen = choose_mask(b, task, mask, density, cfg, mask_batches, exclude=exclude or (),
-                                 progress=_stepper(bar))
+                                 progress=_stepper(bar), heads=heads)
             console.print(f"mask {mask}: {mask_nnz(chosen)} entries in "
                           f"{sum(1 for i in chosen.values() if i.numel())} tensors")
-            trained = train_sparse(b, kind, task.labels, task.train, chosen, cfg, progress=_stepper(bar))
+            trained = train_sparse(b, kind, task.labels, task.train, chosen, cfg, progress=_stepper(bar),
+                                   heads=heads)
             metrics = evaluate(trained.model, task.val, cfg.batch_size, _stepper(bar)) if task.val else {}
         delta = trained.model.to_delta("sparse-train", **provenance(
             cfg, trained, mask=mask, target_density=density, exclude=exclude or [], **_scores(metrics)))

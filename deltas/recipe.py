@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .base import Base
 from .data import (
     carve,
@@ -102,9 +104,12 @@ def _match_labels(path: str | Path, label_col: str, labels: Sequence[str] | None
 
 def choose_mask(base: Base, data: TaskData, kind: str, density: float, cfg: TrainConfig,
                 mask_batches: int = 16, exclude: Sequence[str] = (),
-                progress: Progress | None = None) -> Mask:
+                progress: Progress | None = None,
+                heads: dict[str, torch.Tensor] | None = None) -> Mask:
+    """The mask; grad / fisher scores are taken with `heads` (e.g. a probed head) or a fresh one."""
     if kind in ("grad", "fisher"):
-        scores = gradient_scores(base, data.kind, data.labels, data.train, cfg, mask_batches, progress)
+        scores = gradient_scores(base, data.kind, data.labels, data.train, cfg, mask_batches, progress,
+                                 heads=heads)
         return mask_from_scores(kind, scores, density, exclude)
     if exclude:
         raise ValueError("--exclude applies to the grad and fisher masks only")

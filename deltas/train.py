@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -223,11 +223,12 @@ class FullTaskModel:
 # ---- mask scores, the training loop, evaluation -------------------------------------------------
 
 def gradient_scores(base: Base, kind: str, labels: Sequence[str], features: Sequence[dict],
-                    cfg: TrainConfig, num_batches: int = 16,
-                    progress: Progress | None = None) -> GradScores:
-    """Dense gradients of the loss over the first `num_batches` training batches (the model at its
-    initialisation: base weights, fresh head, no dropout), summed as |g| and g^2 per entry."""
-    net = task_net(base, kind, labels, init_head(base, kind, labels, cfg.seed))
+                    cfg: TrainConfig, num_batches: int = 16, progress: Progress | None = None,
+                    heads: dict[str, torch.Tensor] | None = None) -> GradScores:
+    """Dense gradients of the loss over the first `num_batches` training batches (base weights,
+    `heads` or a fresh head, no dropout), summed as |g| and g^2 per entry."""
+    heads = heads if heads is not None else init_head(base, kind, labels, cfg.seed)
+    net = task_net(base, kind, labels, {n: h.detach().clone() for n, h in heads.items()})
     where = {n: w for n, w in _names_in(net, base).items() if n in task_tensors(base, kind)}
     leaves = {n: base.params[n].detach().requires_grad_(True) for n in where}  # shares storage
     total = min(num_batches, n_batches(len(features), cfg.batch_size))
@@ -321,8 +322,25 @@ def causal_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
 
 
 def train_sparse(base: Base, kind: str, labels: Sequence[str], features: Sequence[dict], mask: Mask,
-                 cfg: TrainConfig, progress: Progress | None = None) -> Trained:
-    return fit(SparseTaskModel(base, kind, labels, mask, seed=cfg.seed), features, cfg, progress)
+                 cfg: TrainConfig, progress: Progress | None = None,
+                 heads: dict[str, torch.Tensor] | None = None) -> Trained:
+    """Train the masked entries and the head (`heads`, e.g. from `probe_head`, or a fresh one)."""
+    return fit(SparseTaskModel(base, kind, labels, mask, heads=heads, seed=cfg.seed), features, cfg,
+               progress)
+
+
+def probe_head(base: Base, kind: str, labels: Sequence[str], features: Sequence[dict], cfg: TrainConfig,
+               steps: int, lr: float, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """A linear probe: `steps` steps training only a fresh head on the frozen base (at `lr`).
+
+    A fresh head is random, so the backbone gradients a mask is scored from point wherever it
+    happens to point; after a probe they point at the task. Backward stops at the head, so a probe
+    step costs about a forward pass. A generate task has no head: nothing to probe."""
+    model = SparseTaskModel(base, kind, labels, {}, seed=cfg.seed)
+    if not model.head:
+        return {}
+    fit(model, features, replace(cfg, max_steps=steps, head_lr=lr), progress)
+    return {n: p.detach().clone() for n, p in model.head.items()}
 
 
 def refit(base: Base, delta: TaskDelta, features: Sequence[dict], cfg: TrainConfig,

@@ -48,13 +48,7 @@ def classify(model: torch.nn.Module, tokenizer, labels: tuple[str, ...],
     for group in (singles, pairs):
         if not group:
             continue
-        texts = [it[2] for it in group]
-        if group is pairs:
-            enc = tokenizer([a for a, _ in texts], [b for _, b in texts], padding=True,
-                            truncation=True, max_length=max_tokens(model), return_tensors="pt")
-        else:
-            enc = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens(model),
-                            return_tensors="pt")
+        enc = _encode(tokenizer, [it[2] for it in group], group is pairs, max_tokens(model))
         enc = enc.to(_device(model))
         probs = model(**enc).logits.float().softmax(-1)  # [batch, labels]
         for (j, k, _), row in zip(group, probs.tolist(), strict=True):
@@ -81,13 +75,7 @@ def classify_mixed(mixer: Mixer, backbone: torch.nn.Module, tokenizer,
     for group in (singles, pairs):
         if not group:
             continue
-        texts = [it[3] for it in group]
-        if group is pairs:
-            enc = tokenizer([a for a, _ in texts], [b for _, b in texts], padding=True,
-                            truncation=True, max_length=limit, return_tensors="pt")
-        else:
-            enc = tokenizer(texts, padding=True, truncation=True, max_length=limit,
-                            return_tensors="pt")
+        enc = _encode(tokenizer, [it[3] for it in group], group is pairs, limit)
         segments = _segments([it[0] for it in group])
         with mixer.mixing([(a, b, parts[p].mixed) for p, a, b in segments], len(group)):
             pooled = backbone(**enc.to(_device(backbone))).pooler_output  # [batch, hidden]
@@ -115,6 +103,14 @@ def embed_mixed(mixer: Mixer, backbone: torch.nn.Module, tokenizer,
         out.append(_split(pooled[start:], part.jobs))
         start += sum(len(job.texts) for job in part.jobs)
     return out
+
+
+def _encode(tokenizer, texts: list, pairs: bool, limit: int):
+    """One padded batch: single texts, or (first, second) pairs encoded as pairs."""
+    if pairs:
+        return tokenizer([a for a, _ in texts], [b for _, b in texts], padding=True,
+                         truncation=True, max_length=limit, return_tensors="pt")
+    return tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
 
 
 def _segments(owners: list[int]) -> list[tuple[int, int, int]]:

@@ -5,6 +5,7 @@ the CLI writes what the server accepts, and the server scores a trained delta li
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -43,6 +44,8 @@ from taskdelta.deltas.train import (
     evaluate,
     fit,
     gradient_scores,
+    init_head,
+    probe_head,
     refit,
     task_tensors,
     train_full,
@@ -230,6 +233,32 @@ def test_sparse_training_learns_a_separable_toy_task(tiny_bert):
     assert after["accuracy"] == 1.0
 
 
+def test_probe_trains_the_head_alone_and_masks_and_training_start_from_it(tiny_bert):
+    saved = snapshot(tiny_bert)
+    labels = ["neg", "pos"]
+    feats = classify_features(tiny_bert.tokenizer, toy_examples(), 32)
+    cfg = TrainConfig(batch_size=4, dropout=False)
+    fresh = init_head(tiny_bert, "classify", labels, cfg.seed)
+    probed = probe_head(tiny_bert, "classify", labels, feats, cfg, steps=30, lr=5e-2)
+    assert unchanged(tiny_bert, saved)  # the base is frozen during a probe
+    assert set(probed) == set(fresh) and not all(torch.equal(probed[n], fresh[n]) for n in fresh)
+    before = evaluate(SparseTaskModel(tiny_bert, "classify", labels, {}, heads=fresh), feats)["loss"]
+    after = evaluate(SparseTaskModel(tiny_bert, "classify", labels, {}, heads=probed), feats)["loss"]
+    assert after < before
+    # the mask is scored with the probed head, and sparse training starts from it
+    s_fresh = gradient_scores(tiny_bert, "classify", labels, feats, cfg, num_batches=2)
+    s_probed = gradient_scores(tiny_bert, "classify", labels, feats, cfg, num_batches=2, heads=probed)
+    assert any(not torch.equal(s_fresh.abs_sum[n], s_probed.abs_sum[n]) for n in s_fresh.abs_sum)
+    mask = mask_from_scores("grad", s_probed, 0.02)
+    start = SparseTaskModel(tiny_bert, "classify", labels, mask, heads=probed)
+    assert all(torch.equal(start.head[n].detach(), probed[n]) for n in probed)
+    trained = train_sparse(tiny_bert, "classify", labels, feats, mask, replace(cfg, max_steps=2),
+                           heads=probed)
+    assert all(torch.equal(p, probed[n]) for n, p in probe_head(
+        tiny_bert, "classify", labels, feats, cfg, steps=30, lr=5e-2).items())  # seeded, repeatable
+    assert trained.steps == 2 and unchanged(tiny_bert, saved)
+
+
 # ---- causal-LM mode -----------------------------------------------------------------------------
 
 def test_causal_features_put_the_loss_on_the_response_only(tiny_llama):
@@ -320,6 +349,23 @@ def test_cli_train_writes_a_valid_delta_and_prints_a_summary(tiny_bert_dir: Path
     bad = CliRunner().invoke(app, ["train", "--base", str(tiny_bert_dir), "--data", str(data),
                                    "--text-col", "sentence", "--label-col", "nope", "-o", str(out)])
     assert bad.exit_code == 2 and "no column 'nope'" in bad.output
+
+
+def test_cli_train_probe_epochs_starts_from_a_probed_head(tiny_bert_dir: Path, tmp_path: Path):
+    """--probe-epochs trains the head alone first: the same run without it writes another delta."""
+    data = write_toy_tsv(tmp_path / "toy.tsv")
+    common = ["train", "--base", str(tiny_bert_dir), "--data", str(data), "--text-col", "sentence",
+              "--label-col", "sentiment", "--density", "0.01", "--mask", "fisher", "--mask-batches", "2",
+              "--max-steps", "2", "--batch-size", "8", "--val-size", "6"]
+    runs = {}
+    for probe in ("0", "1"):
+        out = tmp_path / f"probe{probe}.safetensors"
+        r = CliRunner().invoke(app, [*common, "--probe-epochs", probe, "--probe-lr", "0.05", "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        runs[probe] = load(out)
+        validate(runs[probe], load_base(tiny_bert_dir, device="cpu"))
+    assert set(runs["0"].heads) == set(runs["1"].heads)
+    assert any(not torch.equal(runs["0"].heads[n], runs["1"].heads[n]) for n in runs["0"].heads)
 
 
 def test_cli_train_generate_on_instruction_jsonl(tiny_llama_dir: Path, tmp_path: Path):
