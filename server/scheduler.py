@@ -309,17 +309,9 @@ class Scheduler:
             self._prefetch_next(task)
             started = loop.time()
             waits = [started - req.enqueued_at for req in batch]
-            self._executing = task
-            try:
-                results = await loop.run_in_executor(
-                    self._executor, self._execute, task, handle, [r.payload for r in batch])
-            finally:
-                self._executing = None
+            results = await self._in_worker(task, len(batch), self._execute, task, handle,
+                                            [r.payload for r in batch])
             run_s = loop.time() - started
-            results = list(results)
-            if len(results) != len(batch):
-                raise RuntimeError(f"execute returned {len(results)} results "
-                                   f"for {len(batch)} requests of task {task!r}")
         except asyncio.CancelledError:
             _fail(batch, Overloaded("the server is shutting down", self.retry_after_s))
             raise
@@ -373,6 +365,18 @@ class Scheduler:
         else:
             del self._queues[task]
 
+    async def _in_worker(self, running: str, n: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """`fn(*args)` in the engine's worker thread, which must answer each of the n requests."""
+        self._executing = running
+        try:
+            results = list(await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args))
+        finally:
+            self._executing = None
+        if len(results) != n:
+            raise RuntimeError(f"{getattr(fn, '__name__', 'execute')} returned {len(results)} "
+                               f"results for {n} requests of task {running!r}")
+        return results
+
     async def _run_mixed(self, groups: list[tuple[str, Any, list[_Request]]]) -> None:
         assert self._mixing is not None
         loop = asyncio.get_running_loop()
@@ -384,16 +388,8 @@ class Scheduler:
             started = loop.time()
             waits = [started - req.enqueued_at for req in batch]
             parts = [(t, h, [r.payload for r in reqs]) for t, h, reqs in groups]
-            self._executing = first
-            try:
-                results = await loop.run_in_executor(self._executor, self._mixing.execute, parts)
-            finally:
-                self._executing = None
+            results = await self._in_worker(first, len(batch), self._mixing.execute, parts)
             run_s = loop.time() - started
-            results = list(results)
-            if len(results) != len(batch):
-                raise RuntimeError(f"execute_mixed returned {len(results)} results "
-                                   f"for {len(batch)} requests")
         except asyncio.CancelledError:
             _fail(batch, Overloaded("the server is shutting down", self.retry_after_s))
             raise
