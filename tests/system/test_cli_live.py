@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import KEYS, settings_for
 from test_sdk_live import LONG, N_TOKENS, PAIRS, PROMPT, TEXTS, generate_offline, sdk
-from test_server import KEYS, settings_for
 
 from taskdelta.client.types import (
     ClassifyResponse,

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis
 import yaml
-from topology import COMPOSE, NginxProcess, ServerProcess, nginx_binary, upstreams_for, wait_until
+from support_topology import COMPOSE, NginxProcess, ServerProcess, nginx_binary, upstreams_for, wait_until
 
 from taskdelta.deltas import dumps, load_base, random_delta
 from taskdelta.server.app import create_app

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from test_server import KEYS, auth, merged_copy, settings_for
+from support import KEYS, auth, merged_copy, settings_for
 
 from taskdelta.client import (
     APIStatusError,

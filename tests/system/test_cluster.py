@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from topology import RedisClusterProcesses, ServerProcess, wait_until
+from support_topology import RedisClusterProcesses, ServerProcess, wait_until
 
 from taskdelta.deltas import dumps, random_delta
 from taskdelta.server.app import create_app

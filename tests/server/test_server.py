@@ -3,51 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 
 import httpx
 import pytest
-import torch
+from support import assert_bit_identical, auth, merged_copy, settings_for, snapshot
 
 from taskdelta.client.types import SamplingParams
-from taskdelta.deltas import dumps, merge_into, prepare, random_delta
+from taskdelta.deltas import dumps, random_delta
 from taskdelta.server.app import create_app
 from taskdelta.server.inference import classify, generate
 from taskdelta.server.jobs import ClassifyJob, GenerateJob
-from taskdelta.server.settings import Settings
-
-KEYS = {"acme": "key-acme", "beta": "key-beta"}
-
-
-def settings_for(redis_url: str, tmp_path, **over) -> Settings:
-    base = dict(redis_url=redis_url, data_dir=tmp_path / "data", max_wait_ms=2.0,
-                api_keys=",".join(f"{t}:{k}" for t, k in KEYS.items()), admin_key="key-admin",
-                version_check_s=0.2)
-    return Settings(**(base | over))
-
-
-def auth(tenant: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {KEYS[tenant]}"}
-
-
-def snapshot(base) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in base.params.items()}
-
-
-def assert_bit_identical(base, saved) -> None:
-    for n, p in base.params.items():
-        assert torch.equal(p.view(torch.int32), saved[n].view(torch.int32)), n
-
-
-def merged_copy(base, delta):
-    """The offline merged model: a deep copy of the base with the delta added in."""
-    clone = copy.copy(base)
-    clone.model = copy.deepcopy(base.model)
-    clone.params = dict(clone.model.named_parameters())
-    clone.__dict__.pop("numel", None)
-    prepared = prepare(delta, clone)
-    merge_into(clone.params, prepared)
-    return clone, prepared
 
 
 def test_classify_matches_offline_merged_model_bitwise(tiny_bert, redis_proc, tmp_path, live_server):

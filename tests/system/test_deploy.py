@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 from conftest import free_port
-from topology import LB_TEMPLATE, ROOT, render_lb_template
+from support_topology import LB_TEMPLATE, ROOT, render_lb_template
 
 from taskdelta.server.app import create_app
 from taskdelta.server.settings import Settings
