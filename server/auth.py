@@ -14,9 +14,26 @@ from .errors import Unauthorized
 from .settings import Settings
 
 log = logging.getLogger("taskdelta.auth")
+# `$` also matches before a trailing newline in Python: check names with `valid_name` (fullmatch).
+# The pattern itself is also given to pydantic (path parameters), whose regex engine has no such
+# quirk.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_TENANT = "default"
 ADMIN_TENANT = "admin"
+RESERVED_TENANTS = frozenset({ADMIN_TENANT})  # the admin key's own namespace
+
+
+def valid_name(name: str) -> bool:
+    """A task or tenant name: the whole string matches NAME_RE (no trailing newline)."""
+    return NAME_RE.fullmatch(name) is not None
+
+
+def _tenant_name(name: str, where: str) -> str:
+    if not valid_name(name):
+        raise ValueError(f"{where}: bad tenant name {name!r}")
+    if name in RESERVED_TENANTS:
+        raise ValueError(f"{where}: the tenant name {name!r} is reserved for the admin key")
+    return name
 
 
 @dataclass(frozen=True)
@@ -46,9 +63,9 @@ class KeyRing:
             entries += _read_keys_file(settings.keys_file)
         for pair in filter(None, (settings.api_keys or "").split(",")):
             tenant, _, key = pair.strip().partition(":")
-            if not key or not NAME_RE.match(tenant):
+            if not key:
                 raise ValueError("TASKDELTA_API_KEYS must look like tenant:key,tenant:key")
-            entries.append((_digest(key), Tenant(tenant)))
+            entries.append((_digest(key), Tenant(_tenant_name(tenant, "TASKDELTA_API_KEYS"))))
         if settings.admin_key:
             entries.append((_digest(settings.admin_key), Tenant(ADMIN_TENANT, admin=True)))
         if not entries:
@@ -76,9 +93,7 @@ def _read_keys_file(path: Path) -> list[tuple[bytes, Tenant]]:
     raw = json.loads(Path(path).read_text())
     entries = []
     for tenant, keys in raw.get("tenants", {}).items():
-        if not NAME_RE.match(tenant):
-            raise ValueError(f"keys file: bad tenant name {tenant!r}")
-        entries += [(_digest(k), Tenant(tenant)) for k in keys]
+        entries += [(_digest(k), Tenant(_tenant_name(tenant, "keys file"))) for k in keys]
     entries += [(_digest(k), Tenant(ADMIN_TENANT, admin=True)) for k in raw.get("admin", [])]
     if any(not k.startswith("sha256:") for keys in raw.get("tenants", {}).values() for k in keys):
         log.warning("keys file %s holds plain keys; store `taskdelta keys hash KEY` digests", path)

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from taskdelta.client.types import ChatCompletionRequest, CompletionRequest, SamplingParams
 
-from .auth import NAME_RE
+from .auth import valid_name
 from .deps import StateDep, TenantDep
 from .errors import TaskNotFound
 from .http_errors import error_responses, request_id
@@ -45,7 +45,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
 
 
 async def _complete(body, prompt: str, obj: str, request: Request, state, tenant: str):
-    if not NAME_RE.match(body.model):  # no task can have this name (and it must not reach a key)
+    if not valid_name(body.model):  # no task can have this name (and it must not reach a key)
         raise TaskNotFound(f"task {body.model!r} not found")
     ref = await state.engine.resolve(tenant, body.model, "generate")
     params = _params(body)
