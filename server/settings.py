@@ -53,6 +53,15 @@ class Settings(BaseSettings):
     admin_key: str | None = None
     max_tasks_per_tenant: int = Field(1000, ge=1)
     max_bytes_per_tenant: int = Field(8 * 1024 * 1024 * 1024, ge=1)
+    metrics_key: str | None = Field(None, description="Set: /metrics wants `Authorization: "
+                                    "Bearer <metrics_key>` (unset: open, for a private network)")
+
+    # bounds on one request's work (hardening)
+    max_text_chars: int = Field(20_000, ge=1, description="Longest classify/embed text; longer: 422")
+    max_labels: int = Field(1024, ge=2, description="Most labels a classify delta may have (upload)")
+    max_label_chars: int = Field(256, ge=1, description="Longest label of a classify delta (upload)")
+    max_concurrent_uploads: int = Field(4, ge=1, description="Uploads in progress; more: 429")
+    max_uploads_per_tenant: int = Field(2, ge=1, description="... of which one tenant's; more: 429")
 
 
 def get_settings(**overrides: object) -> Settings:
