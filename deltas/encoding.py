@@ -56,8 +56,22 @@ def encode(idx: torch.Tensor, name: str = "") -> torch.Tensor:
     return torch.from_numpy(np.concatenate([code, out]))
 
 
+def count_numbers(stream: torch.Tensor) -> int:
+    """How many indices a stream holds (its numbers' last bytes), without decoding it: compared
+    with the values' length before a stream is decoded to 4-8 times its size. Counted a slice at
+    a time, so counting allocates nothing in proportion to the stream."""
+    data = stream.numpy()[1:]
+    return sum(int(np.count_nonzero(data[at:at + _GROUP_BYTES] < 0x80))
+               for at in range(0, data.size, _GROUP_BYTES))
+
+
 def decode(stream: torch.Tensor, name: str) -> torch.Tensor:
-    """[bytes] uint8 stream -> [nnz] int32/int64 indices, or `DeltaRejected` naming `name`."""
+    """[bytes] uint8 stream -> [nnz] int32/int64 indices, or `DeltaRejected` naming `name`.
+
+    Worked a piece of about `_GROUP_BYTES` at a time into the one output array, so temporaries
+    stay small whatever the stream's length: the form is checked over every piece first (each
+    kind of fault over the whole stream before the next, so the refusal is the same however the
+    stream is cut), then the pieces are decoded."""
     if stream.dtype != torch.uint8 or stream.dim() != 1:
         raise DeltaRejected(f"a gap-varint index stream is 1-D uint8, not {stream.dtype} "
                             f"{tuple(stream.shape)}", name)
@@ -67,20 +81,73 @@ def decode(stream: torch.Tensor, name: str) -> torch.Tensor:
     code = int(data[0])
     if code not in CODES:
         raise DeltaRejected(f"unknown index code {code} (4: int32, 8: int64)", name)
-    dtype = CODES[code]
-    gaps = _varints(data[1:], MAX_VARINT_BYTES[dtype], name)
-    if gaps.size == 0:
-        return torch.empty(0, dtype=dtype)
-    # each index is below the limit iff their sum is: check before the cumulative sum can wrap
-    if float(gaps.sum(dtype=np.float64)) + gaps.size > _LIMIT[dtype]:
-        raise DeltaRejected(f"index overflow: the gaps add up past {_LIMIT[dtype]} "
-                            f"({'int32' if dtype == torch.int32 else 'int64'} indices)", name)
-    gaps += 1
-    idx = np.cumsum(gaps, out=gaps)
-    idx -= 1
-    if int(idx[-1]) >= _LIMIT[dtype]:
-        raise DeltaRejected(f"index overflow: {int(idx[-1])} does not fit {dtype}", name)
-    return torch.from_numpy(idx.astype(np.int32) if dtype == torch.int32 else idx)
+    dtype, body = CODES[code], data[1:]
+    if body.size and body[-1] >= 0x80:
+        raise DeltaRejected("malformed varint: the stream ends inside a number", name)
+    pieces = _pieces(body)
+    for check in (_check_lengths, _check_shortest):
+        first = 0
+        for piece in pieces:
+            first += check(piece, MAX_VARINT_BYTES[dtype], name, first)
+    return torch.from_numpy(_decode_pieces(pieces, dtype, count_numbers(stream), name))
+
+
+def _decode_pieces(pieces: list[np.ndarray], dtype: torch.dtype, count: int,
+                   name: str) -> np.ndarray:
+    """Well-formed pieces -> [count] indices, refusing any index at or past the dtype's limit."""
+    out = np.empty(count, dtype=np.int32 if dtype == torch.int32 else np.int64)
+    done, last = 0, -1  # numbers decoded so far; the last index decoded
+    for piece in pieces:
+        gaps = _varints(piece)
+        # each index is below the limit iff their sum is: check before the cumulative sum can wrap
+        if float(gaps.sum(dtype=np.float64)) + gaps.size + last >= _LIMIT[dtype]:
+            raise DeltaRejected(f"index overflow: the gaps add up past {_LIMIT[dtype]} "
+                                f"({'int32' if dtype == torch.int32 else 'int64'} indices)", name)
+        gaps += 1
+        idx = np.cumsum(gaps, out=gaps)
+        idx += last
+        out[done:done + idx.size] = idx
+        done, last = done + idx.size, int(idx[-1]) if idx.size else last
+    return out
+
+
+def _pieces(body: np.ndarray) -> list[np.ndarray]:
+    """A stream's numbers (its last byte ends one) in pieces of about `_GROUP_BYTES`, each
+    ending where a number does, however long that number is."""
+    pieces, at = [], 0
+    while body.size - at > _GROUP_BYTES:
+        cut, reach = at + _GROUP_BYTES - 1, 16
+        while True:  # the next number end at or after `cut` (a window that grows: O(bytes))
+            ends = np.flatnonzero(body[cut:cut + reach] < 0x80)
+            if ends.size:
+                break
+            cut, reach = cut + reach, reach * 2
+        cut += int(ends[0]) + 1
+        pieces.append(body[at:cut])
+        at = cut
+    return [*pieces, body[at:]]
+
+
+def _check_lengths(piece: np.ndarray, max_bytes: int, name: str, first: int) -> int:
+    """Refuse a number longer than the index type allows; returns the piece's number count."""
+    ends = np.flatnonzero(piece < 0x80)
+    sizes = np.diff(ends, prepend=-1)
+    if sizes.size and int(sizes.max()) > max_bytes:
+        at = int(np.flatnonzero(sizes > max_bytes)[0])
+        raise DeltaRejected(f"malformed varint: number {first + at} takes {int(sizes[at])} bytes, "
+                            f"more than the {max_bytes} its index type allows", name)
+    return int(ends.size)
+
+
+def _check_shortest(piece: np.ndarray, max_bytes: int, name: str, first: int) -> int:
+    """Refuse a number not in its shortest form; returns the piece's number count."""
+    ends = np.flatnonzero(piece < 0x80)
+    padded = (np.diff(ends, prepend=-1) > 1) & (piece[ends] == 0)  # 0x80 0x00 is 0 in two bytes
+    if padded.any():
+        at = int(np.flatnonzero(padded)[0])
+        raise DeltaRejected(f"malformed varint: number {first + at} ends in a zero byte (not the "
+                            "shortest form)", name)
+    return int(ends.size)
 
 
 def decode_all(streams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -104,7 +171,8 @@ class _OneByOne(Exception):
 
 
 def _decode_int32(streams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in streams}
+    outs: dict[str, np.ndarray] = {}  # [numbers] int32 per stream, allocated once at its count
+    filled = dict.fromkeys(streams, 0)  # numbers written so far, per stream
     sums = dict.fromkeys(streams, 0)  # the steps (gap + 1) decoded so far, per stream
 
     def flush(group: list[tuple[str, np.ndarray]]) -> None:
@@ -117,9 +185,10 @@ def _decode_int32(streams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             before = int(total[a - 1]) if a else 0  # the steps of the group's earlier pieces
             if sums[name] + int(total[b - 1]) - before > _LIMIT[torch.int32]:
                 raise _OneByOne  # an index at or past 2^31
-            idx = np.empty(b - a, dtype=np.int32)  # [numbers] the piece's indices, all < 2^31
-            np.subtract(total[a:b], before - sums[name] + 1, out=idx, casting="unsafe")
-            parts[name].append(idx)
+            at = filled[name]  # the piece's indices, all < 2^31, into their place
+            np.subtract(total[a:b], before - sums[name] + 1, out=outs[name][at:at + b - a],
+                        casting="unsafe")
+            filled[name] += b - a
             sums[name] += int(total[b - 1]) - before
 
     group: list[tuple[str, np.ndarray]] = []
@@ -130,6 +199,7 @@ def _decode_int32(streams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         data = s.numpy()
         if data[0] != CODE_OF[torch.int32]:
             raise _OneByOne
+        outs[name] = np.empty(count_numbers(s), dtype=np.int32)
         for piece in _cut(data[1:]):
             group.append((name, piece))
             size += piece.size
@@ -137,9 +207,7 @@ def _decode_int32(streams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 flush(group)
                 group, size = [], 0
     flush(group)
-    empty = np.zeros(0, dtype=np.int32)
-    return {name: torch.from_numpy(p[0] if len(p) == 1 else np.concatenate(p) if p else empty)
-            for name, p in parts.items()}
+    return {name: torch.from_numpy(out) for name, out in outs.items()}
 
 
 def _cut(body: np.ndarray) -> list[np.ndarray]:
@@ -180,30 +248,19 @@ def _running_steps(pieces: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
     return total, [0, *np.searchsorted(ends, stops).tolist()]
 
 
-def _varints(data: np.ndarray, max_bytes: int, name: str) -> np.ndarray:
-    """LEB128 numbers of a uint8 array -> int64 array."""
+def _varints(data: np.ndarray) -> np.ndarray:
+    """Well-formed LEB128 numbers (`_check_lengths`, `_check_shortest`) of a uint8 array, each
+    ending inside it -> int64 array."""
     if data.size == 0:
         return np.zeros(0, dtype=np.int64)
     last = data < 0x80  # the last byte of each number
-    if not last[-1]:
-        raise DeltaRejected("malformed varint: the stream ends inside a number", name)
     if last.all():  # every gap below 128: one byte each
         return data.astype(np.int64)
     ends = np.flatnonzero(last)
     sizes = np.diff(ends, prepend=-1)
-    longest = int(sizes.max())
-    if longest > max_bytes:
-        at = int(np.flatnonzero(sizes > max_bytes)[0])
-        raise DeltaRejected(f"malformed varint: number {at} takes {int(sizes[at])} bytes, more "
-                            f"than the {max_bytes} its index type allows", name)
-    padded = (sizes > 1) & (data[ends] == 0)  # 0x80 0x00 is 0 in two bytes: one is the only form
-    if padded.any():
-        at = int(np.flatnonzero(padded)[0])
-        raise DeltaRejected(f"malformed varint: number {at} ends in a zero byte (not the shortest "
-                            "form)", name)
     low = (data & 0x7F).astype(np.int64)
     out = low[ends]  # the most significant 7 bits of each number...
-    for back in range(1, longest):  # ...then the bytes before it, high to low
+    for back in range(1, int(sizes.max())):  # ...then the bytes before it, high to low
         more = np.flatnonzero(sizes > back)
         out[more] = (out[more] << 7) | low[ends[more] - back]
     return out

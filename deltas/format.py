@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,6 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import encoding as codec
@@ -159,22 +159,27 @@ def loads(data: bytes | bytearray | memoryview, max_bytes: int | None = None, *,
           verify_checksum: bool = True) -> TaskDelta:
     """Parse delta bytes. Raises `DeltaRejected` naming the problem; never unpickles.
 
+    A `bytearray` is not copied: the delta's tensors are views of it (the server's upload path,
+    whose peak memory is bounded by twice the body). Other inputs are copied once.
+
     verify_checksum=False skips only the content checksum (every form check still runs): for
     bytes whose identity is already verified, e.g. the server's store reading back, under its
     sha256, the very bytes it checked at upload (see docs/delta-format.md, *Trust on load*)."""
-    data = bytes(data)
+    if not isinstance(data, bytearray):
+        data = bytearray(data)  # writable: tensors may be views of it
     if max_bytes is not None and len(data) > max_bytes:
         raise DeltaRejected(f"file is {len(data)} bytes, over the limit of {max_bytes} bytes")
     header = read_header(data)
     raw_meta = header.pop("__metadata__", None)
     meta = _parse_meta(raw_meta)
     encoding = _parse_encoding(raw_meta)
-    try:
-        flat = st_load(data)
-    except Exception as exc:  # the safetensors parser's own errors are not one type
-        raise DeltaRejected(f"not a valid safetensors file: {exc}") from exc
+    if encoding != PLAIN:
+        _check_stream_lengths(header)  # before anything is decoded, from the header alone
+    flat = tensor_views(data, header)
     if encoding != PLAIN:  # decoded once here: everything after sees plain index tensors
-        decoded = codec.decode_all({k[: -len(IDX_SUFFIX)]: v for k, v in flat.items() if _is_idx(k)})
+        streams = {k[: -len(IDX_SUFFIX)]: v for k, v in flat.items() if _is_idx(k)}
+        _check_stream_counts(streams, flat)
+        decoded = codec.decode_all(streams)
         flat = {k: decoded[k[: -len(IDX_SUFFIX)]] if _is_idx(k) else v for k, v in flat.items()}
     delta = _split(flat, meta)
     if not verify_checksum:
@@ -186,7 +191,87 @@ def loads(data: bytes | bytearray | memoryview, max_bytes: int | None = None, *,
     return delta
 
 
-def read_header(data: bytes) -> dict[str, Any]:
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                 "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+                 "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+
+
+def tensor_views(data: bytearray, header: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors a checked header (`read_header`, without `__metadata__`) describes, as views
+    of `data` (no copy; one misaligned for its dtype is copied). Refused as safetensors refuses:
+    a shape that does not match its bytes, or data regions that leave gaps or overlap."""
+    start = 8 + struct.unpack("<Q", data[:8])[0]
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], k) for k, e in header.items())
+    expected = 0
+    for begin, end, key in spans:
+        if begin != expected:
+            raise DeltaRejected("not a valid safetensors file: data regions overlap or leave a "
+                                f"gap at byte {begin}", key)
+        expected = end
+    if expected != len(data) - start:
+        raise DeltaRejected(f"not a valid safetensors file: the tensors cover {expected} of the "
+                            f"{len(data) - start} data bytes")
+    return {key: _view(data, start, key, header[key]) for key in header}
+
+
+def _view(data: bytearray, start: int, key: str, entry: dict[str, Any]) -> torch.Tensor:
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise DeltaRejected("malformed header entry (shape)", key)
+    dtype = _TORCH_DTYPES[entry["dtype"]]
+    begin, end = entry["data_offsets"]
+    numel = math.prod(shape)
+    if numel * dtype.itemsize != end - begin:
+        raise DeltaRejected(f"not a valid safetensors file: shape {shape} of {entry['dtype']} "
+                            f"needs {numel * dtype.itemsize} bytes, the offsets give {end - begin}",
+                            key)
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(data, dtype=dtype, count=numel, offset=start + begin)
+    if (start + begin) % dtype.itemsize:
+        flat = flat.clone()  # kernels may assume aligned elements
+    return flat.view(shape)
+
+
+def _check_stream_lengths(header: dict[str, Any]) -> None:
+    """A gap-varint stream of B bytes holds between (B - 1) / 9 and B - 1 indices: refuse, from
+    the header alone, a stream far longer or shorter than its values need (one number's slack
+    is left, so that a single malformed number gets `decode`'s precise message). The exact count
+    is compared before decoding (`_check_stream_counts`)."""
+    longest = max(codec.MAX_VARINT_BYTES.values())
+    for key, entry in header.items():
+        if not _is_idx(key) or not isinstance(entry, dict) or entry.get("dtype") != "U8":
+            continue  # not a stream: refused with its own message by `decode`
+        val = header.get(key[: -len(IDX_SUFFIX)] + VAL_SUFFIX)
+        name, stream, values = key[: -len(IDX_SUFFIX)], _numel(entry), _numel(val)
+        if not stream or values is None:
+            continue  # empty, malformed or unpaired: refused with its own message later
+        if not values <= stream - 1 <= (values + 1) * longest:
+            raise DeltaRejected(f"an index stream of {stream} bytes cannot hold exactly the "
+                                f"{values} indices its values need", name)
+
+
+def _numel(entry: object) -> int | None:
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return None
+    return math.prod(shape)
+
+
+def _check_stream_counts(streams: dict[str, torch.Tensor], flat: dict[str, torch.Tensor]) -> None:
+    """Each stream holds exactly as many indices as its values, counted without decoding."""
+    for name, stream in streams.items():
+        val = flat.get(name + VAL_SUFFIX)
+        if val is None or stream.dtype != torch.uint8 or stream.dim() != 1 or not stream.numel():
+            continue  # refused with its own message by `decode` or `_split`
+        count = codec.count_numbers(stream)
+        if count != val.numel():
+            raise DeltaRejected(f"idx has {count} entries but val has {val.numel()}", name)
+
+
+def read_header(data: bytes | bytearray) -> dict[str, Any]:
     """The safetensors JSON header, checked against the file's real length."""
     if len(data) < 8:
         raise DeltaRejected(f"truncated file: {len(data)} bytes, a safetensors header needs 8")
@@ -197,8 +282,8 @@ def read_header(data: bytes) -> dict[str, Any]:
         raise DeltaRejected(f"truncated file: header claims {n} bytes but only {len(data) - 8} follow")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DeltaRejected(f"malformed header: {exc}") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, huge ints
+        raise DeltaRejected(f"malformed header: {_short(exc)}") from exc
     if not isinstance(header, dict):
         raise DeltaRejected("malformed header: not a JSON object")
     body = len(data) - 8 - n
@@ -241,7 +326,9 @@ def _parse_meta(raw: object) -> DeltaMeta:
         fields["labels"] = json.loads(raw.get("labels", "[]"))
         fields["provenance"] = json.loads(raw["provenance"]) if "provenance" in raw else None
         return DeltaMeta(format_version=version, **fields)
-    except (json.JSONDecodeError, ValidationError, TypeError) as exc:
+    except (ValueError, ValidationError, TypeError, RecursionError) as exc:
+        # ValueError: not JSON, or an integer of more digits than Python converts;
+        # RecursionError: JSON nested deeper than the parser recurses
         raise DeltaRejected(f"malformed metadata: {_short(exc)}", "__metadata__") from exc
 
 
@@ -309,4 +396,6 @@ def _split(flat: dict[str, torch.Tensor], meta: DeltaMeta) -> TaskDelta:
 def _short(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-    return str(exc)
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply"
+    return str(exc)[:200]
