@@ -12,19 +12,19 @@ from fastapi import FastAPI
 
 from taskdelta.deltas import Base, load_base
 
-from . import http_errors
+from . import docs, http_errors
 from .auth import KeyRing
-from .cache import DeltaCache
 from .deps import AppState
 from .embedded import EmbeddedRedis
 from .engine import Engine
 from .metrics import Metrics
 from .middleware import RequestContext
+from .registry import TaskRegistry
 from .routes_infer import router as infer_router
+from .routes_lorax import router as lorax_router
 from .routes_openai import router as openai_router
 from .routes_ops import router as ops_router
 from .routes_tasks import router as tasks_router
-from .scheduler import Mixing, Scheduler
 from .settings import Settings, get_settings
 from .store import DeltaStore, RedisStore
 
@@ -46,9 +46,11 @@ def create_app(settings: Settings | None = None, base: Base | None = None,
             yield
 
     app = FastAPI(title="taskdelta", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # docs.install: offline pages, no CDN
                   description="Many fine-tuned tasks served from one base model as sparse deltas.")
     http_errors.install(app)
-    for router in (tasks_router, infer_router, openai_router, ops_router):
+    docs.install(app)
+    for router in (tasks_router, infer_router, openai_router, lorax_router, ops_router):
         app.include_router(router)
     app.add_middleware(RequestContext, metrics=metrics)
     return app
@@ -71,32 +73,26 @@ async def _start(settings: Settings, base: Base | None, store: DeltaStore | None
     if base is None:
         log.info("loading base %s", settings.base)
         base = await asyncio.to_thread(load_base, settings.base, settings.device, settings.dtype)
-    cache = DeltaCache(settings.cache_bytes)
-    metrics.follow_cache(cache.stats)
-    engine = Engine(base, store, cache, version_check_s=settings.version_check_s,
-                    on_swap=metrics.observe_swap, mixed=settings.mixed_batches)
-    mixing = Mixing(peek=engine.peek, accepts=engine.mixable, execute=engine.execute_mixed,
-                    on_batch=metrics.observe_mixed)
-    scheduler = Scheduler.from_settings(settings, engine.execute, engine.load,
-                                        on_batch=metrics.observe_batch, mixing=mixing)
-    scheduler.start()
-    if engine.mixer is not None:
-        stack.callback(engine.mixer.close)  # its hooks off the (possibly shared) base, last
-    stack.push_async_callback(scheduler.stop)
-    stack.callback(engine.restore_base)
-    listener = asyncio.create_task(_follow_changes(store, engine))
+    engine = Engine(base, store, settings, on_swap=metrics.observe_swap,
+                    on_batch=metrics.observe_batch)
+    metrics.follow_cache(engine.cache.stats)
+    engine.scheduler.start()
+    stack.callback(engine.close)  # the exact base back and the mixer's hooks off, last
+    stack.push_async_callback(engine.scheduler.stop)
+    listener = asyncio.create_task(_follow_changes(store, engine.registry))
     stack.callback(listener.cancel)
     log.info("serving base %s (%s) on %s", base.name, base.fingerprint, base.device)
     return AppState(settings=settings, base=base, store=store, engine=engine,
-                    scheduler=scheduler, keys=keys, metrics=metrics)
+                    registry=engine.registry, scheduler=engine.scheduler, keys=keys,
+                    metrics=metrics)
 
 
-async def _follow_changes(store: DeltaStore, engine: Engine) -> None:
+async def _follow_changes(store: DeltaStore, registry: TaskRegistry) -> None:
     """Drop cache entries other replicas changed; reconnect after a lost subscription."""
     while True:
         try:
             async for change in store.changes():
-                engine.invalidate(change.tenant, change.name)
+                registry.invalidate(change.tenant, change.name)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Redis away: the version re-check bounds staleness meanwhile

@@ -13,6 +13,7 @@ from taskdelta.deltas import Base
 from .auth import NAME_RE, KeyRing, Tenant
 from .engine import Engine
 from .metrics import Metrics
+from .registry import TaskRegistry
 from .scheduler import Scheduler
 from .settings import Settings
 from .store import DeltaStore
@@ -24,6 +25,7 @@ class AppState:
     base: Base
     store: DeltaStore
     engine: Engine
+    registry: TaskRegistry  # resolve, load, cache, invalidate tasks
     scheduler: Scheduler
     keys: KeyRing
     metrics: Metrics

@@ -9,14 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
-from taskdelta.client.types import SamplingParams, StreamChunk, Usage
 from taskdelta.deltas.mixed import MixedDelta, Mixer, pooled_logits
 
-from .jobs import ClassifyJob, EmbedJob, GenerateJob
+from .jobs import ClassifyJob, EmbedJob, GenerateJob, Job
+from .kv import cache_argument
+from .sequences import Generation, Sequence, eos_ids, prompt_ids
 
 MAX_TOKENS = 512  # classify / embed inputs
-MAX_PROMPT_TOKENS = 4096  # generate prompts (tail kept)
 
 
 @dataclass(frozen=True)
@@ -27,14 +28,6 @@ class MixedPart:
     head: torch.nn.Module | None
     labels: tuple[str, ...]
     jobs: list
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    finish_reason: str  # "stop" | "length"
-    prompt_tokens: int
-    completion_tokens: int
 
 
 @torch.no_grad()
@@ -52,13 +45,38 @@ def classify(model: torch.nn.Module, tokenizer, labels: tuple[str, ...],
         enc = enc.to(_device(model))
         probs = model(**enc).logits.float().softmax(-1)  # [batch, labels]
         for (j, k, _), row in zip(group, probs.tolist(), strict=True):
-            out[j][k] = _scored(labels, row)
+            out[j][k] = _scored(labels, row, _top_k(jobs[j]))
     return out
 
 
-def _scored(labels: tuple[str, ...], row: list[float]) -> dict:
-    best = max(range(len(row)), key=row.__getitem__)
-    return {"label": labels[best], "scores": dict(zip(labels, row, strict=True))}
+def _scored(labels: tuple[str, ...], row: list[float], top_k: int | None = None) -> dict:
+    """The best label and the scores of all labels, or of the `top_k` best (highest first)."""
+    ranked = sorted(range(len(row)), key=row.__getitem__, reverse=True)
+    keep = ranked if top_k is None else ranked[:top_k]
+    return {"label": labels[ranked[0]], "scores": {labels[i]: row[i] for i in keep}}
+
+
+def _top_k(job: ClassifyJob) -> int | None:
+    return getattr(job, "top_k", None)
+
+
+def measure(tokenizer, job: Job, limit: int) -> list[int]:
+    """Tokens each text of a classify/embed job will take in a forward (truncated at `limit`)."""
+    texts = list(job.texts)  # type: ignore[union-attr]
+    singles = [t if isinstance(t, str) else None for t in texts]
+    lengths = [0] * len(texts)
+    plain = [i for i, t in enumerate(singles) if t is not None]
+    pairs = [i for i, t in enumerate(singles) if t is None]
+    if plain:
+        enc = tokenizer([texts[i] for i in plain], truncation=True, max_length=limit)["input_ids"]
+        for i, ids in zip(plain, enc, strict=True):
+            lengths[i] = len(ids)
+    if pairs:
+        enc = tokenizer([texts[i][0] for i in pairs], [texts[i][1] for i in pairs],
+                        truncation=True, max_length=limit)["input_ids"]
+        for i, ids in zip(pairs, enc, strict=True):
+            lengths[i] = len(ids)
+    return lengths
 
 
 @torch.no_grad()
@@ -82,7 +100,7 @@ def classify_mixed(mixer: Mixer, backbone: torch.nn.Module, tokenizer,
         for p, a, b in segments:
             probs = pooled_logits(parts[p].head, pooled[a:b]).float().softmax(-1)  # [rows, labels]
             for (_, j, k, _), row in zip(group[a:b], probs.tolist(), strict=True):
-                out[p][j][k] = _scored(parts[p].labels, row)
+                out[p][j][k] = _scored(parts[p].labels, row, _top_k(parts[p].jobs[j]))
     return out
 
 
@@ -151,93 +169,12 @@ def _split(pooled: torch.Tensor, jobs: list[EmbedJob]) -> list[list[list[float]]
     return out
 
 
-@torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer, job: GenerateJob) -> Generation:
-    """Token-by-token decoding with a KV cache: greedy at temperature 0, else top-p sampling.
-
-    Streams through `job.emit` and stops at EOS, a stop string, max_new_tokens, or cancellation.
-    """
-    p: SamplingParams = job.params
-    device = _device(model)
-    # the prompt is cut (its tail kept) only where it alone fills the model's positions; the new
-    # tokens then get what room is left, and running out of room finishes with "length"
-    ids = tokenizer(job.prompt, return_tensors="pt")["input_ids"]  # [1, prompt]
-    positions = getattr(model.config, "max_position_embeddings", None) or MAX_PROMPT_TOKENS
-    ids = ids[:, -min(MAX_PROMPT_TOKENS, positions - 1):].to(device)
-    budget = min(p.max_new_tokens, positions - int(ids.shape[1]))
-    gen = torch.Generator(device=device)
-    gen.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
-    eos = _eos_ids(model, tokenizer)
-    tokens: list[int] = []
-    sent, finish, past, step_ids = "", "length", None, ids
-    for _ in range(budget):
-        out = model(input_ids=step_ids, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        nxt = _pick(out.logits[0, -1].float(), p, gen)
-        if nxt in eos:
-            finish = "stop"
-            break
-        tokens.append(nxt)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        cut = _stop_at(text, p.stop)
-        if cut is not None:
-            text, finish = text[:cut], "stop"
-        if job.emit is not None and not text.endswith("\ufffd") and len(text) > len(sent):
-            job.emit(StreamChunk(text=text[len(sent):]))
-            sent = text
-        if finish == "stop" or job.cancelled.is_set():
-            break
-        step_ids = torch.tensor([[nxt]], device=device)
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    cut = _stop_at(text, p.stop)
-    text = text if cut is None else text[:cut]
-    result = Generation(text=text, finish_reason=finish, prompt_tokens=int(ids.shape[1]),
-                        completion_tokens=len(tokens))
-    if job.emit is not None:
-        if len(text) > len(sent):
-            job.emit(StreamChunk(text=text[len(sent):]))
-        job.emit(StreamChunk(finish_reason=finish, usage=usage_of(result)))  # type: ignore[arg-type]
-    return result
-
-
-def usage_of(g: Generation) -> Usage:
-    return Usage(prompt_tokens=g.prompt_tokens, completion_tokens=g.completion_tokens,
-                 total_tokens=g.prompt_tokens + g.completion_tokens)
-
-
 def render_chat(tokenizer, messages: list[dict[str, str]]) -> str:
     """The tokenizer's chat template where it has one, else a plain role-prefixed transcript."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     lines = [f"{m['role']}: {m['content']}" for m in messages]
     return "\n".join(lines) + "\nassistant:"
-
-
-def _pick(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    if p.temperature == 0.0:
-        return int(logits.argmax())
-    probs = (logits / p.temperature).softmax(-1)
-    if p.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < p.top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
-
-
-def _stop_at(text: str, stops: list[str]) -> int | None:
-    found = [text.find(s) for s in stops if s and s in text]
-    return min(found) if found else None
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
-    ids = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(v for v in value if isinstance(v, int))
-    return ids
 
 
 def max_tokens(model: torch.nn.Module) -> int:
@@ -248,3 +185,21 @@ def max_tokens(model: torch.nn.Module) -> int:
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer, job: GenerateJob) -> Generation:
+    """One sequence alone, token by token with its own KV cache: the offline reference that a
+    served generation (in a continuous batch) is compared with."""
+    positions = getattr(model.config, "max_position_embeddings", None) or 4096
+    seq = Sequence(job, prompt_ids(tokenizer, job.prompt, positions), positions, tokenizer,
+                   eos_ids(model, tokenizer), _device(model))
+    cache_arg = cache_argument(model)
+    ids = torch.tensor([seq.prompt], device=_device(model))
+    kwargs = {cache_arg: DynamicCache(config=model.config), "use_cache": True}
+    while not seq.done and not seq.cancel_requested():
+        out = model(input_ids=ids, logits_to_keep=1, **kwargs)
+        token = seq.pick(out.logits[0, -1].float())
+        seq.push(token)
+        ids = torch.tensor([[token]], device=ids.device)
+    return seq.result()

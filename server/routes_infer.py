@@ -25,8 +25,10 @@ from taskdelta.client.types import (
 from .deps import StateDep, TaskName, TenantDep
 from .errors import BadTaskRequest
 from .http_errors import error_responses, request_id, status_of
-from .inference import render_chat, usage_of
+from .inference import render_chat
 from .jobs import ClassifyJob, EmbedJob, GenerateJob
+from .limits import check_texts
+from .sequences import usage_of
 from .submit import run_job, start_stream
 
 router = APIRouter(prefix="/v1/tasks", tags=["inference"],
@@ -38,21 +40,25 @@ SSE = {"text/event-stream": {"schema": {"type": "string"}}}
 async def classify(task: TaskName, body: ClassifyRequest, request: Request, state: StateDep,
                    tenant: TenantDep) -> ClassifyResponse:
     """Labels and per-label probabilities; an item is a text or a [text, text_pair] pair."""
-    ref = await state.engine.resolve(tenant.name, task, "classify")
-    job = ClassifyJob(texts=tuple(t if isinstance(t, str) else tuple(t) for t in body.texts))
-    rows = await run_job(request, state, ref, job)
-    return ClassifyResponse(task=task, version=ref.version,
-                            results=[ClassifyResult(**r) for r in rows])
+    check_texts(body.texts, state.settings)
+    ref = await state.registry.resolve(tenant.name, task, "classify")
+    job = ClassifyJob(texts=tuple(t if isinstance(t, str) else tuple(t) for t in body.texts),
+                      top_k=body.top_k)
+    out = await run_job(request, state, ref, job)
+    return ClassifyResponse(task=task, version=out.version,
+                            results=[ClassifyResult(**r) for r in out.rows])
 
 
 @router.post("/{task}/embed", response_model=EmbedResponse)
 async def embed(task: TaskName, body: EmbedRequest, request: Request, state: StateDep,
                 tenant: TenantDep) -> EmbedResponse:
     """Mean-pooled sentence embeddings (L2-normalised unless `normalize` is false)."""
-    ref = await state.engine.resolve(tenant.name, task, "embed")
-    rows = await run_job(request, state, ref, EmbedJob(texts=tuple(body.texts),
-                                                       normalize=body.normalize))
-    return EmbedResponse(task=task, version=ref.version, dim=len(rows[0]) if rows else 0,
+    check_texts(body.texts, state.settings)
+    ref = await state.registry.resolve(tenant.name, task, "embed")
+    out = await run_job(request, state, ref, EmbedJob(texts=tuple(body.texts),
+                                                      normalize=body.normalize))
+    rows = out.rows
+    return EmbedResponse(task=task, version=out.version, dim=len(rows[0]) if rows else 0,
                          embeddings=rows)
 
 
@@ -63,7 +69,7 @@ async def generate(task: TaskName, body: GenerateRequest, request: Request, stat
     """Text from a prompt or chat messages; `"stream": true` answers with server-sent events."""
     if (body.prompt is None) == (body.messages is None):
         raise BadTaskRequest("give exactly one of `prompt` or `messages`")
-    ref = await state.engine.resolve(tenant.name, task, "generate")
+    ref = await state.registry.resolve(tenant.name, task, "generate")
     prompt = body.prompt if body.prompt is not None else render_chat(
         state.base.tokenizer, [m.model_dump() for m in body.messages or []])
     params = SamplingParams(**body.model_dump(include=set(SamplingParams.model_fields)))
@@ -71,7 +77,7 @@ async def generate(task: TaskName, body: GenerateRequest, request: Request, stat
         chunks = await start_stream(state, ref, {"prompt": prompt, "params": params})
         return StreamingResponse(sse(chunks, request_id(request)), media_type="text/event-stream")
     g = await run_job(request, state, ref, GenerateJob(prompt=prompt, params=params))
-    return GenerateResponse(task=task, version=ref.version, text=g.text,
+    return GenerateResponse(task=task, version=g.version, text=g.text,
                             finish_reason=g.finish_reason, usage=usage_of(g))
 
 

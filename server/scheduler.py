@@ -1,516 +1,415 @@
-"""Task-aware scheduler: one queue per task, one worker thread that owns the model.
+"""The step loop: continuous batching over one model, as in Orca, vLLM and TGI.
 
-Running a batch means swapping the task's delta into the base weights, so the scheduler batches
-requests by task, keeps the swapped-in task while it has work (bounded by
-`max_consecutive_batches` and `max_hold_ms` once another task waits, so none starves) and
-otherwise picks the task whose oldest request has waited longest. Model work runs in one
-dedicated thread; queues, deadlines, cancellation and delta prefetch live on the event loop.
-
-With `mixing` (opt-in, settings.mixed_batches) a batch that its task leaves short of max_batch is
-filled with other tasks' queued requests, oldest first, where the engine can run them together in
-one forward: their deltas already loaded (a batch never waits on a cold load) and their requests
-of a mixable kind.
+Requests are admitted into bounded queues (`queues.py`), their task's pinned version is loaded
+under their deadline (`registry.py`), and then every *step* runs in the engine's worker thread
+(`executor.py`): at most one classify/embed micro-batch bounded in rows and rows x tokens, up to
+`prefill_tokens` of prompt prefill (long prompts in chunks), and one decode token for every live
+sequence. New generations join the running decode groups between steps; finished, cancelled and
+expired ones leave at the next step, so a 504 or a closed stream frees its slot at once. What to
+run is decided by `policy.py`; the loop only carries it out and hands back the answers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass
-from functools import partial
-from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
 
-from taskdelta.server.errors import DeadlineExceeded, Overloaded
+from .errors import BadTaskRequest, DeadlineExceeded, Overloaded
+from .executor import EncodePart, Executor, Prefill, StepPlan, StepReport
+from .jobs import GenerateJob, Job
+from .kv import DecodeGroup
+from .policy import RowBudget, TurnPolicy, kv_fits, take_rows
+from .queues import Queues, Request
+from .registry import Loaded, TaskRef, TaskRegistry
+from .sequences import Sequence
 
-if TYPE_CHECKING:
-    from taskdelta.server.settings import Settings
-
-log = logging.getLogger(__name__)
-
-Execute = Callable[[str, Any, list[Any]], list[Any]]
-Load = Callable[[str], Awaitable[Any]]
+log = logging.getLogger("taskdelta.scheduler")
 OnBatch = Callable[[str, int, list[float], float], None]
+Taken = list[tuple[Request, tuple[int, ...]]]  # requests and which of their texts a micro-batch holds
 
 
 @dataclass(frozen=True)
-class Mixing:
-    """How to run requests of several tasks in one batch (the engine's side of it)."""
+class Limits:
+    max_batch: int = 16  # rows (texts) per classify/embed forward
+    max_batch_tokens: int = 8192  # rows x padded tokens per classify/embed forward
+    max_queue: int = 256
+    max_queued_total: int = 4096
+    max_consecutive_batches: int = 8
+    max_hold_ms: float = 200.0
+    retry_after_s: float = 1.0
+    request_timeout_s: float = 60.0
+    max_live_sequences: int = 64
+    kv_cache_bytes: int = 2 * 1024**3
+    prefill_tokens: int = 256  # prompt tokens read per step
 
-    peek: Callable[[str], Any]  # task -> its loaded handle now, without waiting; else None
-    accepts: Callable[[Any, Any], bool]  # (handle, payload) -> may run in a mixed batch
-    execute: Callable[[list[tuple[str, Any, list[Any]]]], list[Any]]  # results flat, in order
-    on_batch: Callable[[int, int], None] | None = None  # (tasks, requests) of each mixed batch
 
+@dataclass(frozen=True)
+class EncodeResult:
+    """A classify/embed request's rows and the task version that computed them."""
 
-@dataclass(eq=False)
-class _Request:
-    task: str
-    payload: Any
-    future: asyncio.Future[Any]
-    seq: int  # arrival order: the smallest queued seq is the oldest request
-    enqueued_at: float  # loop.time()
-    deadline: float  # loop.time()
-    queued: bool = True
+    rows: list[Any]
+    version: int | None
 
 
 class Scheduler:
-    """Queues requests per task and runs them in task batches on one worker thread."""
-
-    def __init__(
-        self,
-        execute: Execute,
-        load: Load | None = None,
-        *,
-        max_batch: int,
-        max_wait_ms: float,
-        max_queue: int,
-        max_queued_total: int,
-        max_consecutive_batches: int,
-        max_hold_ms: float,
-        retry_after_s: float,
-        request_timeout_s: float = 60.0,
-        prefetch_depth: int = 2,
-        on_batch: OnBatch | None = None,
-        mixing: Mixing | None = None,
-    ) -> None:
-        if min(max_batch, max_queue, max_queued_total, max_consecutive_batches) < 1:
-            raise ValueError("max_batch, max_queue, max_queued_total and "
-                             "max_consecutive_batches must be at least 1")
-        self.max_batch = max_batch
-        self.max_wait_ms = max_wait_ms
-        self.max_queue = max_queue
-        self.max_queued_total = max_queued_total
-        self.max_consecutive_batches = max_consecutive_batches
-        self.max_hold_ms = max_hold_ms
-        self.retry_after_s = retry_after_s
-        self.request_timeout_s = request_timeout_s
-        self.prefetch_depth = prefetch_depth
-        self._execute = execute
-        self._load = load
+    def __init__(self, registry: TaskRegistry, executor: Executor, limits: Limits, *,
+                 measure: Callable[[Job], list[int]],
+                 new_sequence: Callable[[GenerateJob], Sequence],
+                 kv_per_token: int = 0, mixed: bool = False,
+                 on_batch: OnBatch | None = None) -> None:
+        self.registry = registry
+        self.executor = executor
+        self.limits = limits
+        self._measure = measure  # tokens per text of a classify/embed job (any thread)
+        self._new_sequence = new_sequence  # a generate job's Sequence (any thread)
+        self._kv_per_token = kv_per_token
+        self._mixed = mixed and executor.mixer is not None
         self._on_batch = on_batch
-        self._mixing = mixing
-
-        self._queues: dict[str, deque[_Request]] = {}  # only non-empty queues
-        self._total = 0
+        self.queues = Queues(limits.max_queue, limits.max_queued_total, limits.retry_after_s)
+        self.turns = TurnPolicy(limits.max_consecutive_batches, limits.max_hold_ms)
+        self._prefilling: list[Prefill] = []
+        self._groups: dict[tuple, tuple[DecodeGroup, Loaded]] = {}  # (task, version) -> group
+        self._live: dict[Sequence, Request] = {}  # admitted to decode, prefilling or decoding
         self._seq = itertools.count()
-        self._wakeup = asyncio.Event()  # set on every arrival, withdrawal and on stop
+        self._wakeup = asyncio.Event()
         self._accepting = True
         self._stopping = False
         self._worker: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskdelta-engine")
-        self._prefetches: dict[str, asyncio.Future[Any]] = {}
-
-        self._current: str | None = None  # the task whose delta the engine has swapped in
-        self._executing: str | None = None  # the task of the batch in the worker thread
-        self._streak_batches = 0  # batches of the current task in a row
-        self._streak_started = 0.0
-        self._batches = 0
-        self._swaps = 0
-        self._mixed_batches = 0
-
-    @classmethod
-    def from_settings(cls, settings: Settings, execute: Execute, load: Load | None = None,
-                      on_batch: OnBatch | None = None, mixing: Mixing | None = None) -> Scheduler:
-        return cls(execute, load, max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                   max_queue=settings.max_queue, max_queued_total=settings.max_queued_total,
-                   max_consecutive_batches=settings.max_consecutive_batches,
-                   max_hold_ms=settings.max_hold_ms, retry_after_s=settings.retry_after_s,
-                   request_timeout_s=settings.request_timeout_s, on_batch=on_batch,
-                   mixing=mixing if settings.mixed_batches else None)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskdelta-engine")
+        self.batches = 0  # classify/embed micro-batches run
+        self.mixed_batches = 0
+        self.steps = 0
 
     # -- what the rest of the server reads ------------------------------------------------------
 
     @property
-    def current_task(self) -> str | None:
-        return self._current
-
-    @property
-    def batches(self) -> int:
-        return self._batches
-
-    @property
     def swaps(self) -> int:
-        """How often the task changed between consecutive batches."""
-        return self._swaps
-
-    @property
-    def mixed_batches(self) -> int:
-        """Batches that served several tasks in one forward."""
-        return self._mixed_batches
+        return self.executor.swaps
 
     @property
     def total_depth(self) -> int:
-        return self._total
+        return self.queues.total
 
-    def depth(self, task: str) -> int:
-        queue = self._queues.get(task)
-        return len(queue) if queue else 0
+    @property
+    def live_sequences(self) -> int:
+        return len(self._live)
 
-    def queued_tasks(self) -> list[str]:
-        """Tasks with queued requests, the one whose oldest request waited longest first."""
-        return sorted(self._queues, key=self._head_seq)
+    def depth(self, key) -> int:
+        return self.queues.depth(key)
+
+    def queued_tasks(self) -> list:
+        return self.queues.tasks()
 
     # -- submitting -------------------------------------------------------------------------------
 
-    async def submit(self, task: str, payload: Any, timeout_s: float | None = None) -> Any:
-        """Queue one request and wait for its result (or its exception)."""
-        req = self._enqueue(task, payload, timeout_s)
+    async def submit(self, ref: TaskRef, job: Job, timeout_s: float | None = None) -> Any:
+        """Admit one request, load its task, wait for its answer (or its exception)."""
+        if not self._accepting:
+            raise Overloaded("the server is shutting down", self.limits.retry_after_s)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        timeout = self.limits.request_timeout_s if timeout_s is None else timeout_s
+        req = Request(ref, job, loop.create_future(), next(self._seq), now, now + timeout)
+        self.queues.admit(req)  # 429 here, before any work
         expiry = asyncio.timeout_at(req.deadline)
         try:
             async with expiry:
+                await self._prepare(req)
+                self.queues.line_up(req)
+                self._wakeup.set()
                 return await req.future
         except TimeoutError:
             if not expiry.expired():
-                raise  # a TimeoutError that the model work itself raised
+                raise
             raise DeadlineExceeded(self._late(req)) from None
         finally:
-            self._withdraw(req)  # timed out or cancelled: never runs, or its result is dropped
+            self._withdraw(req)
 
-    def _enqueue(self, task: str, payload: Any, timeout_s: float | None) -> _Request:
-        if not self._accepting:
-            raise Overloaded("the server is shutting down", self.retry_after_s)
-        queued = self.depth(task)
-        if queued >= self.max_queue:
-            raise Overloaded(f"task {task!r} has {queued} requests queued "
-                             f"(limit {self.max_queue})", self.retry_after_s)
-        if self._total >= self.max_queued_total:
-            raise Overloaded(f"{self._total} requests queued on this server "
-                             f"(limit {self.max_queued_total})", self.retry_after_s)
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        timeout = self.request_timeout_s if timeout_s is None else timeout_s
-        req = _Request(task, payload, loop.create_future(), next(self._seq), now, now + timeout)
-        self._queues.setdefault(task, deque()).append(req)
-        self._total += 1
-        self._wakeup.set()
-        if queued == 0:
-            self._prefetch_if_next(task)
-        return req
+    async def _prepare(self, req: Request) -> None:
+        """Tokenize (in a thread) and load the pinned delta: the request becomes ready."""
+        if isinstance(req.job, GenerateJob):
+            req.sequence = await asyncio.to_thread(self._new_sequence, req.job)
+            self._check_kv_need(req.sequence)
+        else:
+            req.lengths = await asyncio.to_thread(self._measure, req.job)
+            req.order = sorted(range(len(req.lengths)), key=req.lengths.__getitem__)
+        req.loaded = await self.registry.load(req.ref)
 
-    def _withdraw(self, req: _Request) -> None:
-        if not req.future.done():
+    def _check_kv_need(self, seq: Sequence) -> None:
+        need = seq.reserved_tokens * self._kv_per_token
+        if need > self.limits.kv_cache_bytes:
+            raise BadTaskRequest(f"the prompt and max_new_tokens ({seq.reserved_tokens} positions) "
+                                 f"need {need} bytes of KV cache; this server has "
+                                 f"{self.limits.kv_cache_bytes}: ask for fewer tokens")
+
+    def _withdraw(self, req: Request) -> None:
+        if not req.future.done():  # timed out or cancelled: its sequence leaves at the next step
             req.future.cancel()
-        if req.queued:
-            queue = self._queues[req.task]
-            queue.remove(req)
-            req.queued = False
-            self._total -= 1
-            if not queue:
-                del self._queues[req.task]
-            self._wakeup.set()
+            if isinstance(req.job, GenerateJob):
+                req.job.cancelled.set()
+        self.queues.leave(req)
+        self._wakeup.set()
 
-    def _late(self, req: _Request) -> str:
-        waited = req.deadline - req.enqueued_at
-        return f"request for task {req.task!r} did not finish within {waited:g} s"
+    def _late(self, req: Request) -> str:
+        return (f"request for task {req.ref.name!r} did not finish within "
+                f"{req.deadline - req.enqueued_at:g} s")
 
-    # -- the worker loop --------------------------------------------------------------------------
+    # -- the loop ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the worker loop on the running event loop (idempotent)."""
         if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(
-                self._run(), name="taskdelta-scheduler")
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="taskdelta-steps")
 
     async def _run(self) -> None:
-        while await self._wait_for_work():
-            task = self._next_task()
-            batch = await self._fill_batch(task)
-            if batch:
-                await self._run_batch(task, batch)
+        loop = asyncio.get_running_loop()
+        while True:
+            plan, encoded = self._plan()
+            if plan is None:
+                if self._stopping and not self.queues.total and not self._live:
+                    return
+                self.turns.idle()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            started = loop.time()
+            try:
+                report = await loop.run_in_executor(self._thread, self.executor.step, plan)
+            except Exception as exc:  # the executor itself failed: fail what the step held
+                log.exception("engine step failed")
+                report = StepReport(encode_error=exc,
+                                    prefill_errors=[(w, exc) for w, _ in plan.prefill],
+                                    decode_errors=[(g, exc) for g, _ in plan.decode])
+            self.steps += 1
+            self._absorb(plan, encoded, report, loop.time() - started)
 
-    async def _wait_for_work(self) -> bool:
-        """Until some task has queued requests; False once stopping with nothing left."""
-        while not self._queues:
-            if self._stopping:
+    def _plan(self) -> tuple[StepPlan | None, Taken]:
+        plan = StepPlan()
+        encoded = self._plan_encode(plan)
+        self._admit_sequences()
+        budget = self.limits.prefill_tokens
+        for work in self._prefilling:
+            if budget <= 0:
+                break
+            tokens = min(budget, len(work.seq.prompt) - work.seq.prefilled)
+            plan.prefill.append((work, tokens))
+            budget -= tokens
+        plan.decode = [(g, loaded.prepared) for g, loaded in self._groups.values() if len(g)]
+        empty = not (plan.encode or plan.prefill or plan.decode)
+        return (None if empty else plan), encoded
+
+    # -- classify / embed micro-batches -----------------------------------------------------------
+
+    def _plan_encode(self, plan: StepPlan) -> Taken:
+        self._drop_gone_encode()
+        ready = self.queues.ready_encode_tasks()
+        if not ready:
+            return []
+        now = asyncio.get_running_loop().time()
+        key = self.turns.pick(ready, self._oldest, now)
+        budget = RowBudget(self.limits.max_batch, self.limits.max_batch_tokens)
+        taken = self._take(key, budget)
+        if self._mixed and self._mixable(taken) and not budget.full:
+            for other in sorted((k for k in ready if k != key), key=self._oldest):
+                more = self._take(other, budget, mixable_only=True)
+                taken += more
+                if budget.full or not more:
+                    break
+        parts = self._parts(taken)
+        plan.encode = parts
+        self.turns.ran(key if len(parts) == 1 else None, now)
+        return taken
+
+    def _take(self, key, budget: RowBudget, mixable_only: bool = False) -> Taken:
+        line = [r for r in self.queues.encode.get(key, ()) if r.loaded is not None]
+        if line:  # one delta per task in a micro-batch (requests pinned to another version wait)
+            anchor = line[0].loaded.prepared  # type: ignore[union-attr]
+            line = [r for r in line if r.loaded.prepared is anchor]  # type: ignore[union-attr]
+        if mixable_only:
+            line = [r for r in line if self._mixable([(r, ())])]
+        slices = take_rows(((r, [r.lengths[i] for i in r.order]) for r in line), budget)
+        taken = []
+        for s in slices:
+            req: Request = s.owner  # type: ignore[assignment]
+            texts = tuple(req.order[i] for i in s.indices)
+            del req.order[: len(s.indices)]
+            taken.append((req, texts))
+        self.queues.drop_taken(key)
+        return taken
+
+    def _mixable(self, taken: Taken) -> bool:
+        mixer = self.executor.mixer
+        for req, _ in taken:
+            prepared = req.loaded.prepared if req.loaded else None
+            if mixer is None or prepared is None or mixer.why_not(prepared) is not None:
                 return False
-            self._streak_batches = 0  # idle: the current task stops "holding" the model
-            self._wakeup.clear()
-            await self._wakeup.wait()
         return True
 
-    def _next_task(self) -> str:
-        """The task to run next (there must be queued work): keep the swapped-in task while it
-        has work and has not used up its turn; otherwise the task whose oldest request waited
-        longest."""
-        current = self._current
-        if current in self._queues and not self._turn_over():
-            return current
-        others = [t for t in self._queues if t != current]  # non-empty: there is queued work
-        return min(others, key=self._head_seq)
+    def _parts(self, taken: Taken) -> list[EncodePart]:
+        """One part per loaded delta, its requests' slices as sub-jobs in `taken`'s order within
+        each part (`_answer_encode` walks them the same way)."""
+        parts: dict[int, EncodePart] = {}
+        for req, texts in taken:
+            loaded = req.loaded
+            assert loaded is not None
+            sub = replace(req.job, texts=tuple(req.job.texts[i] for i in texts))  # type: ignore[type-var]
+            part = parts.get(id(loaded.prepared))
+            if part is None:
+                part = parts[id(loaded.prepared)] = EncodePart(str(req.key), loaded.prepared,
+                                                               loaded.labels, [])
+            part.jobs.append(sub)
+        return list(parts.values())
 
-    def _turn_over(self) -> bool:
-        """Whether the current task must hand over: another task waits and it had its turn."""
-        if len(self._queues) < 2 or self._streak_batches == 0:
-            return False
-        held_ms = (asyncio.get_running_loop().time() - self._streak_started) * 1000
-        return self._streak_batches >= self.max_consecutive_batches or held_ms >= self.max_hold_ms
+    def _oldest(self, key) -> int:
+        line = self.queues.encode.get(key)
+        return line[0].seq if line else 1 << 62
 
-    async def _fill_batch(self, task: str) -> list[_Request]:
-        """Up to max_batch of the task's requests. While fewer are queued, wait for more until
-        the oldest has waited max_wait_ms, but only while no other task has work (waiting then
-        would idle the model)."""
-        loop = asyncio.get_running_loop()
-        while (0 < self.depth(task) < self.max_batch and len(self._queues) == 1
-               and not self._stopping):
-            oldest = self._queues[task][0]
-            remaining = oldest.enqueued_at + self.max_wait_ms / 1000 - loop.time()
-            if remaining <= 0:
-                break
-            self._wakeup.clear()
-            with suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self._wakeup.wait()
-        return self._take(task)
+    def _drop_gone_encode(self) -> None:
+        for line in list(self.queues.encode.values()):
+            for req in [r for r in line if r.gone]:
+                self.queues.leave(req)
 
-    def _take(self, task: str) -> list[_Request]:
-        queue = self._queues.get(task)
-        batch: list[_Request] = []
-        while queue and len(batch) < self.max_batch:
-            req = queue.popleft()
-            req.queued = False
-            self._total -= 1
-            batch.append(req)
-        if queue is not None and not queue:
-            del self._queues[task]
-        return self._still_wanted(batch)
+    # -- generation: admission into decode ----------------------------------------------------------
 
-    def _still_wanted(self, batch: list[_Request]) -> list[_Request]:
-        """Drop requests cancelled meanwhile; fail those past their deadline, unrun."""
-        now = asyncio.get_running_loop().time()
-        wanted = []
-        for req in batch:
-            if req.future.done():
-                continue
-            if now >= req.deadline:
-                req.future.set_exception(DeadlineExceeded(self._late(req)))
-                continue
-            wanted.append(req)
-        return wanted
+    def _admit_sequences(self) -> None:
+        """Move ready generations into prefill while decode slots and KV room allow, in order."""
+        waiting = self.queues.generate
+        for req in [r for r in waiting if r.gone]:
+            self.queues.leave(req)
+        while waiting and len(self._live) < self.limits.max_live_sequences:
+            req = waiting[0]
+            if req.loaded is None or not self._kv_room(req):
+                break  # in arrival order: a later one does not overtake a waiting one
+            waiting.popleft()
+            seq = req.sequence
+            assert seq is not None
+            group, _ = self._group_for(req.loaded, req.ref)
+            self._live[seq] = req
+            self._prefilling.append(Prefill(seq, req.loaded.prepared, group))
 
-    async def _run_batch(self, task: str, batch: list[_Request]) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            handle = await self._load_for_batch(task)
-            batch = self._still_wanted(batch)  # loading took time: some may have gone
-            if not batch:
-                return
-            groups = self._mix_in(task, handle, batch)
-            if groups is not None:
-                await self._run_mixed(groups)
-                return
-            self._count_batch(task)
-            self._prefetch_next(task)
-            started = loop.time()
-            waits = [started - req.enqueued_at for req in batch]
-            results = await self._in_worker(task, len(batch), self._execute, task, handle,
-                                            [r.payload for r in batch])
-            run_s = loop.time() - started
-        except asyncio.CancelledError:
-            _fail(batch, Overloaded("the server is shutting down", self.retry_after_s))
-            raise
-        except Exception as exc:  # load or execute failed: the whole batch fails with it
-            _fail(batch, exc)
+    def _group_for(self, loaded: Loaded, ref: TaskRef) -> tuple[DecodeGroup, Loaded]:
+        key = (ref.tenant, ref.name, loaded.version)
+        if key not in self._groups:
+            self._groups[key] = (DecodeGroup(), loaded)
+        return self._groups[key]
+
+    def _kv_room(self, req: Request) -> bool:
+        if not self._kv_per_token:
+            return True
+        seq = req.sequence
+        assert seq is not None and req.loaded is not None
+        target = (req.ref.tenant, req.ref.name, req.loaded.version)
+        shapes = self._kv_shapes()
+        rows, longest = shapes.pop(target, (0, 0))
+        shapes[target] = (rows + 1, max(longest, seq.reserved_tokens))
+        return kv_fits(shapes.values(), self._kv_per_token, self.limits.kv_cache_bytes)
+
+    def _kv_shapes(self) -> dict[tuple, tuple[int, int]]:
+        """Per decode group, with the sequences still prefilling into it: (rows, longest)."""
+        shapes: dict[tuple, tuple[int, int]] = {}
+        for seq, req in self._live.items():
+            assert req.loaded is not None
+            key = (req.ref.tenant, req.ref.name, req.loaded.version)
+            rows, longest = shapes.get(key, (0, 0))
+            shapes[key] = (rows + 1, max(longest, seq.reserved_tokens))
+        return shapes
+
+    # -- after a step -----------------------------------------------------------------------------
+
+    def _absorb(self, plan: StepPlan, encoded: Taken,
+                report: StepReport, run_s: float) -> None:
+        if plan.encode:
+            self._answer_encode(plan, encoded, report, run_s)
+        for work, exc in report.prefill_errors:
+            self._end_sequence(work.seq, exc)
+        for group, exc in report.decode_errors:
+            for seq in list(group.rows):
+                self._end_sequence(seq, exc)
+            group.keep([])
+        for seq in report.finished:
+            self._end_sequence(seq)
+        self._prefilling = [w for w in self._prefilling
+                            if w.seq in self._live and w.seq.prefilled < len(w.seq.prompt)]
+        self._groups = {k: v for k, v in self._groups.items() if len(v[0])
+                        or any(w.group is v[0] for w in self._prefilling)}
+        self._expire_live()
+
+    def _answer_encode(self, plan: StepPlan, encoded: Taken,
+                       report: StepReport, run_s: float) -> None:
+        self.batches += 1
+        self.mixed_batches += len(plan.encode) > 1
+        if report.encode_error is not None:
+            for req, _ in encoded:
+                _settle(req, report.encode_error)
+                self.queues.leave(req)
             return
-        for req, result in zip(batch, results, strict=True):
-            _settle(req, result)
-        self._report(task, len(batch), waits, run_s)
+        by_part = {id(part.prepared): iter(got) for part, got in zip(plan.encode, report.encoded,
+                                                                       strict=True)}
+        for req, texts in encoded:
+            answers = next(by_part[id(req.loaded.prepared if req.loaded else None)])
+            for i, answer in zip(texts, answers, strict=True):
+                req.answers[i] = answer
+            if len(req.answers) == len(req.lengths):
+                loaded = req.loaded
+                rows = [req.answers[i] for i in range(len(req.lengths))]
+                _settle(req, EncodeResult(rows, loaded.version if loaded else None))
+                self.queues.leave(req)
+        self._report_batch(plan, encoded, run_s)
 
-    # -- mixed batches ----------------------------------------------------------------------------
-
-    def _mix_in(self, task: str, handle: Any,
-                batch: list[_Request]) -> list[tuple[str, Any, list[_Request]]] | None:
-        """The batch of `task` filled up to max_batch with queued requests of tasks whose deltas
-        are loaded, oldest first, as (task, handle, requests) groups; None when nothing joins
-        (the batch then runs as it would without mixing: one task, swapped in, exact)."""
-        mixing = self._mixing
-        room = self.max_batch - len(batch)
-        if mixing is None or room <= 0 or not self._queues:
-            return None
-        if not all(mixing.accepts(handle, req.payload) for req in batch):
-            return None
-        handles: dict[str, Any] = {}
-        taken: dict[str, list[_Request]] = {}
-        others = [q for t, q in self._queues.items() if t != task]
-        for req in heapq.merge(*others, key=attrgetter("seq")):  # oldest first
-            if req.task not in handles:
-                handles[req.task] = mixing.peek(req.task)
-            if handles[req.task] is None or not mixing.accepts(handles[req.task], req.payload):
-                continue
-            taken.setdefault(req.task, []).append(req)
-            room -= 1
-            if room == 0:
-                break
-        for t, reqs in taken.items():
-            self._dequeue(t, reqs)
-        mixed = [(task, handle, batch)]
-        mixed += [(t, handles[t], live) for t, reqs in taken.items() if (live := self._still_wanted(reqs))]
-        return mixed if len(mixed) > 1 else None  # the others went meanwhile: one task, exact
-
-    def _dequeue(self, task: str, reqs: list[_Request]) -> None:
-        queue = self._queues[task]
-        gone = set(map(id, reqs))
-        kept = deque(r for r in queue if id(r) not in gone)
-        for req in reqs:
-            req.queued = False
-        self._total -= len(queue) - len(kept)
-        if kept:
-            self._queues[task] = kept
-        else:
-            del self._queues[task]
-
-    async def _in_worker(self, running: str, n: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
-        """`fn(*args)` in the engine's worker thread, which must answer each of the n requests."""
-        self._executing = running
-        try:
-            results = list(await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args))
-        finally:
-            self._executing = None
-        if len(results) != n:
-            raise RuntimeError(f"{getattr(fn, '__name__', 'execute')} returned {len(results)} "
-                               f"results for {n} requests of task {running!r}")
-        return results
-
-    async def _run_mixed(self, groups: list[tuple[str, Any, list[_Request]]]) -> None:
-        assert self._mixing is not None
-        loop = asyncio.get_running_loop()
-        first = groups[0][0]
-        batch = [req for _, _, reqs in groups for req in reqs]
-        try:
-            self._count_mixed()
-            self._prefetch_next(first)
-            started = loop.time()
-            waits = [started - req.enqueued_at for req in batch]
-            parts = [(t, h, [r.payload for r in reqs]) for t, h, reqs in groups]
-            results = await self._in_worker(first, len(batch), self._mixing.execute, parts)
-            run_s = loop.time() - started
-        except asyncio.CancelledError:
-            _fail(batch, Overloaded("the server is shutting down", self.retry_after_s))
-            raise
-        except Exception as exc:  # the whole mixed batch fails with it
-            _fail(batch, exc)
-            return
-        for req, result in zip(batch, results, strict=True):
-            _settle(req, result)
-        self._report(first, len(batch), waits, run_s)
-        if self._mixing.on_batch is not None:
-            try:
-                self._mixing.on_batch(len(groups), len(batch))
-            except Exception:
-                log.exception("mixing.on_batch hook failed")
-
-    def _count_mixed(self) -> None:
-        """A mixed batch runs on the exact base: no task stays swapped in after it."""
-        if self._current is not None:
-            self._swaps += 1
-        self._current = None
-        self._streak_batches = 0
-        self._batches += 1
-        self._mixed_batches += 1
-
-    def _count_batch(self, task: str) -> None:
-        if task != self._current:
-            if self._current is not None:
-                self._swaps += 1
-            self._current = task
-            self._streak_batches = 0
-        if self._streak_batches == 0:
-            self._streak_started = asyncio.get_running_loop().time()
-        self._streak_batches += 1
-        self._batches += 1
-
-    def _report(self, task: str, size: int, waits: list[float], run_s: float) -> None:
+    def _report_batch(self, plan: StepPlan, encoded, run_s: float) -> None:
         if self._on_batch is None:
             return
+        now = asyncio.get_running_loop().time()
         try:
-            self._on_batch(task, size, waits, run_s)
+            self._on_batch(plan.encode[0].key, len(encoded), [now - run_s - r.enqueued_at
+                                                              for r, _ in encoded], run_s)
         except Exception:
             log.exception("on_batch hook failed")
 
-    # -- loading and prefetching deltas -----------------------------------------------------------
-
-    async def _load_for_batch(self, task: str) -> Any:
-        if self._load is None:
-            return None
-        pending = self._prefetches.get(task)
-        if pending is not None:  # its delta is on the way already: reuse that load
-            with suppress(Exception):
-                return await asyncio.shield(pending)
-        return await self._load(task)
-
-    def _prefetch_next(self, running: str) -> None:
-        """Warm the deltas of the tasks expected to run after `running`."""
-        waiting = (t for t in self._queues if t != running)
-        for task in heapq.nsmallest(self.prefetch_depth, waiting, key=self._head_seq):
-            self._prefetch(task)
-
-    def _prefetch_if_next(self, task: str) -> None:
-        """A task that just got its first request while a batch runs: warm it if it is among
-        the next `prefetch_depth` tasks (it is the youngest, so it ranks after the others)."""
-        if self._executing is None or task == self._executing:
+    def _end_sequence(self, seq: Sequence, error: BaseException | None = None) -> None:
+        req = self._live.pop(seq, None)
+        if req is None:
             return
-        ahead = len(self._queues) - 1 - (self._executing in self._queues)
-        if ahead < self.prefetch_depth:
-            self._prefetch(task)
+        version = req.loaded.version if req.loaded else None
+        _settle(req, error if error is not None else seq.result(version))
+        self.queues.leave(req)
 
-    def _prefetch(self, task: str) -> None:
-        if self._load is None or task in self._prefetches:
-            return
-        future = asyncio.ensure_future(self._load(task))
-        self._prefetches[task] = future
-        future.add_done_callback(partial(self._prefetched, task))
-
-    def _prefetched(self, task: str, future: asyncio.Future[Any]) -> None:
-        if self._prefetches.get(task) is future:
-            del self._prefetches[task]
-        if not future.cancelled() and future.exception() is not None:
-            log.warning("prefetching task %r failed: %r", task, future.exception())
-
-    def _head_seq(self, task: str) -> int:
-        return self._queues[task][0].seq
+    def _expire_live(self) -> None:
+        """Live sequences whose request is gone (504, client left) stop at the next step."""
+        now = asyncio.get_running_loop().time()
+        for seq, req in self._live.items():
+            if req.gone or now >= req.deadline:
+                seq.job.cancelled.set()
 
     # -- stopping ---------------------------------------------------------------------------------
 
     async def stop(self, *, drain: bool = False) -> None:
-        """Stop accepting; fail the queued requests (or, with `drain`, run them first); let the
-        batch in flight finish; join the worker thread."""
+        """Stop accepting; fail what waits (or, with `drain`, run it first); join the worker."""
         self._accepting = False
-        if not drain or self._worker is None:
-            self._fail_queued()
+        if not drain:
+            error = Overloaded("the server is shutting down", self.limits.retry_after_s)
+            for req in self.queues.all_waiting() + list(self._live.values()):
+                _settle(req, error)
+                if isinstance(req.job, GenerateJob):
+                    req.job.cancelled.set()
         self._stopping = True
         self._wakeup.set()
         if self._worker is not None:
-            await self._worker
-        for future in list(self._prefetches.values()):
-            future.cancel()
-        await asyncio.to_thread(self._executor.shutdown, True)
-
-    def _fail_queued(self) -> None:
-        error = Overloaded("the server is shutting down", self.retry_after_s)
-        for queue in self._queues.values():
-            for req in queue:
-                req.queued = False
-            _fail(list(queue), error)
-        self._queues.clear()
-        self._total = 0
+            with suppress(asyncio.CancelledError):
+                await self._worker
+        await asyncio.to_thread(self._thread.shutdown, True)
 
 
-def _settle(req: _Request, outcome: Any) -> None:
-    """Hand one result to its request; an exception instance fails only that request."""
-    if req.future.done():  # cancelled or timed out while running: the result is dropped
+def _settle(req: Request, outcome: Any) -> None:
+    """Hand one outcome to its request; an exception instance fails it."""
+    if req.future.done():
         return
     if isinstance(outcome, BaseException):
         req.future.set_exception(outcome)
     else:
         req.future.set_result(outcome)
-
-
-def _fail(batch: list[_Request], error: BaseException) -> None:
-    for req in batch:
-        _settle(req, error)

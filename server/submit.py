@@ -15,12 +15,12 @@ from fastapi import Request
 from taskdelta.client.types import StreamChunk
 
 from .deps import AppState
-from .engine import TaskRef
 from .jobs import GenerateJob, Job
+from .registry import TaskRef
 
 
 async def run_job(request: Request, state: AppState, ref: TaskRef, job: Job) -> Any:
-    work = asyncio.ensure_future(state.scheduler.submit(ref.key, job,
+    work = asyncio.ensure_future(state.scheduler.submit(ref, job,
                                                         state.settings.request_timeout_s))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -43,7 +43,7 @@ async def start_stream(state: AppState, ref: TaskRef, job_args: dict) -> AsyncIt
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[StreamChunk] = asyncio.Queue()
     job = GenerateJob(emit=lambda c: loop.call_soon_threadsafe(queue.put_nowait, c), **job_args)
-    work = asyncio.ensure_future(state.scheduler.submit(ref.key, job,
+    work = asyncio.ensure_future(state.scheduler.submit(ref, job,
                                                         state.settings.request_timeout_s))
     await asyncio.sleep(0)  # let submit refuse (overload) before the response starts
     if work.done() and work.exception() is not None:

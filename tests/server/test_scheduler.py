@@ -1,477 +1,352 @@
-"""The task-aware scheduler: batching by task, fair hand-over, oldest-first, bounded queues,
-deadlines, cancellation, per-item errors, the single worker thread, prefetch and stop."""
+"""The step scheduler: continuous batching of generations, bounded classify/embed micro-batches,
+KV budget, deadlines that stop the work, streams equal to answers, pinned versions, 429s.
+
+The engine runs for real on tiny random-weight models; the store is an in-memory double of the
+`DeltaStore` protocol (the Redis store has its own tests against a real Redis)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import itertools
 import threading
-import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+import torch
 
-from taskdelta.server.errors import DeadlineExceeded, Overloaded
-from taskdelta.server.scheduler import Scheduler
+from taskdelta.client.types import SamplingParams
+from taskdelta.deltas import dumps, load_base, random_delta
+from taskdelta.deltas.validate import stamp
+from taskdelta.server.engine import Engine
+from taskdelta.server.errors import BadTaskRequest, DeadlineExceeded, Overloaded, VersionConflict
+from taskdelta.server.inference import generate
+from taskdelta.server.jobs import EmbedJob, GenerateJob
 from taskdelta.server.settings import get_settings
-
-
-class FakeModel:
-    """execute/load doubles: record what ran, on which thread and with which handle; a payload
-    with a gate blocks the worker thread until the test opens it."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, list[Any]]] = []  # (task, payloads) in execution order
-        self.handles: list[Any] = []
-        self.threads: list[int] = []
-        self.loads: list[str] = []
-        self.gates: dict[Any, threading.Event] = {}
-        self.failing_loads: set[str] = set()
-        self.load_gates: dict[str, asyncio.Event] = {}
-
-    def gate(self, payload: Any) -> threading.Event:
-        self.gates[payload] = threading.Event()
-        return self.gates[payload]
-
-    def hold_load(self, task: str) -> asyncio.Event:
-        self.load_gates[task] = asyncio.Event()
-        return self.load_gates[task]
-
-    def execute(self, task: str, handle: Any, payloads: list[Any]) -> list[Any]:
-        self.calls.append((task, list(payloads)))
-        self.handles.append(handle)
-        self.threads.append(threading.get_ident())
-        for p in payloads:
-            if p in self.gates:
-                assert self.gates[p].wait(10), "a test forgot to open a gate"
-        if "boom" in payloads:
-            raise RuntimeError("the batch blew up")
-        return [ValueError(p) if str(p).startswith("bad") else f"{task}:{p}" for p in payloads]
-
-    async def load(self, task: str) -> str:
-        self.loads.append(task)
-        await asyncio.sleep(0)
-        if task in self.load_gates:
-            await self.load_gates[task].wait()
-        if task in self.failing_loads:
-            raise LookupError(f"no delta for {task}")
-        return f"handle:{task}"
-
-    @property
-    def tasks(self) -> list[str]:
-        return [task for task, _ in self.calls]
-
-    @property
-    def executed(self) -> list[Any]:
-        return [p for _, payloads in self.calls for p in payloads]
-
-    def started(self, payload: Any) -> bool:
-        return payload in self.executed
-
-
-async def until(condition: Callable[[], bool], within_s: float = 10.0) -> None:
-    """Poll the loop until `condition` holds; the bound only turns a hang into a failure."""
-    end = time.monotonic() + within_s
-    while not condition():
-        assert time.monotonic() < end, "condition never became true"
-        await asyncio.sleep(0.001)
-
-
-DEFAULTS: dict[str, Any] = dict(max_batch=4, max_wait_ms=1, max_queue=100, max_queued_total=1000,
-                                max_consecutive_batches=100, max_hold_ms=60_000, retry_after_s=2,
-                                request_timeout_s=30)
-
-
-@pytest.fixture
-def model() -> FakeModel:
-    return FakeModel()
-
-
-@pytest.fixture
-async def make(model: FakeModel) -> AsyncIterator[Callable[..., Scheduler]]:
-    made: list[Scheduler] = []
-
-    def _make(start: bool = True, load: bool = True, **overrides: Any) -> Scheduler:
-        s = Scheduler(model.execute, model.load if load else None, **{**DEFAULTS, **overrides})
-        if start:
-            s.start()
-        made.append(s)
-        return s
-
-    yield _make
-    for gate in [*model.gates.values(), *model.load_gates.values()]:
-        gate.set()
-    for s in made:
-        await s.stop()
-
-
-async def hold_worker(s: Scheduler, model: FakeModel, task: str = "A", payload: Any = "A1"):
-    """Start a batch that blocks the worker until the returned gate opens."""
-    gate = model.gate(payload)
-    running = asyncio.create_task(s.submit(task, payload))
-    await until(lambda: model.started(payload))
-    return gate, running
-
-
-def submit_all(s: Scheduler, items: list[tuple[str, Any]]) -> list[asyncio.Task[Any]]:
-    return [asyncio.create_task(s.submit(task, payload)) for task, payload in items]
-
-
-# -- batching ---------------------------------------------------------------------------------
-
-
-async def test_one_task_is_batched_up_to_max_batch_in_arrival_order(make, model):
-    s = make(max_batch=4, max_wait_ms=20)
-    results = await asyncio.gather(*(s.submit("A", i) for i in range(10)))
-    assert results == [f"A:{i}" for i in range(10)]
-    assert [len(p) for _, p in model.calls] == [4, 4, 2]
-    assert model.executed == list(range(10))
-    assert (s.batches, s.swaps, s.current_task) == (3, 0, "A")
-
-
-async def test_waits_up_to_max_wait_ms_to_fill_a_batch(make, model):
-    s = make(max_batch=2, max_wait_ms=5_000)  # the batch fills long before the wait ends
-    first = asyncio.create_task(s.submit("A", 1))
-    await asyncio.sleep(0.01)
-    second = asyncio.create_task(s.submit("A", 2))
-    assert await asyncio.gather(first, second) == ["A:1", "A:2"]
-    assert model.calls == [("A", [1, 2])]
-
-
-async def test_does_not_wait_to_fill_while_another_task_has_work(make, model):
-    s = make(max_batch=8, max_wait_ms=60_000)  # waiting it out would hit the 10 s bound
-    a = asyncio.create_task(s.submit("A", 1))
-    await asyncio.sleep(0.01)  # the worker is now waiting for more A
-    b = asyncio.create_task(s.submit("B", 1))
-    async with asyncio.timeout(10):
-        assert await a == "A:1"
-    assert model.tasks == ["A"] and s.depth("B") == 1  # B, alone now, waits for company
-    await s.stop(drain=True)  # stopping ends that wait
-    assert await b == "B:1"
-
-
-# -- which task runs next --------------------------------------------------------------------
-
-
-async def test_keeps_the_swapped_in_task_while_it_has_work(make, model):
-    s = make(max_batch=1)
-    gate, first = await hold_worker(s, model)
-    rest = submit_all(s, [("B", 1), ("A", 2), ("A", 3), ("A", 4)])  # B waited longest
-    await until(lambda: s.total_depth == 4)
-    gate.set()
-    await asyncio.gather(first, *rest)
-    assert model.tasks == ["A", "A", "A", "A", "B"]
-    assert s.swaps == 1
-
-
-async def test_hot_task_hands_over_after_max_consecutive_batches(make, model):
-    s = make(max_batch=1, max_consecutive_batches=2)
-    gate, first = await hold_worker(s, model)
-    rest = submit_all(s, [(t, i) for i in range(6) for t in "AB"])
-    await until(lambda: s.total_depth == 12)
-    gate.set()
-    await asyncio.gather(first, *rest)
-    assert "".join(model.tasks) == "AABBAABBAABBA"
-    assert s.swaps == 6
-
-
-async def test_hot_task_hands_over_after_max_hold_ms(make, model):
-    s = make(max_batch=1, max_hold_ms=1)
-    gate, first = await hold_worker(s, model)
-    rest = submit_all(s, [("A", 2), ("A", 3), ("B", 1), ("A", 4)])
-    await until(lambda: s.total_depth == 4)
-    await asyncio.sleep(0.005)  # A has now held the model for longer than max_hold_ms
-    gate.set()
-    await asyncio.gather(first, *rest)
-    assert model.tasks == ["A", "B", "A", "A", "A"]
-
-
-async def test_a_turn_restarts_after_the_worker_went_idle(make, model):
-    s = make(max_batch=1, max_consecutive_batches=1)
-    assert await s.submit("A", 1) == "A:1"  # A's turn is used up, then the worker idles
-    both = submit_all(s, [("B", 1), ("A", 2)])
-    await asyncio.gather(*both)
-    # A is still swapped in and starts a new turn rather than handing over to older B at once
-    assert model.tasks == ["A", "A", "B"]
-
-
-async def test_picks_the_task_whose_oldest_request_waited_longest(make, model):
-    s = make(max_batch=1, max_consecutive_batches=1)
-    gate, first = await hold_worker(s, model)
-    rest = submit_all(s, [("X", 1), ("Y", 1), ("Z", 1), ("X", 2)])
-    await until(lambda: s.total_depth == 4)
-    assert s.queued_tasks() == ["X", "Y", "Z"]
-    assert (s.depth("X"), s.depth("Y"), s.depth("nothing")) == (2, 1, 0)
-    gate.set()
-    await asyncio.gather(first, *rest)
-    # after X hands over, Z (queued before X's second request) goes before X again
-    assert model.tasks == ["A", "X", "Y", "Z", "X"]
-
-
-# -- bounded queues ----------------------------------------------------------------------------
-
-
-async def test_overloaded_when_the_task_queue_is_full(make, model):
-    s = make(max_queue=3)
-    gate, first = await hold_worker(s, model)
-    queued = submit_all(s, [("A", i) for i in range(3)])
-    await until(lambda: s.depth("A") == 3)
-    with pytest.raises(Overloaded) as refused:
-        await s.submit("A", "extra")
-    assert refused.value.retry_after_s == 2
-    assert s.depth("A") == 3
-    other = asyncio.create_task(s.submit("B", 1))  # other tasks still get in
-    await until(lambda: s.depth("B") == 1)
-    gate.set()
-    assert await asyncio.gather(*queued, other) == ["A:0", "A:1", "A:2", "B:1"]
-    await first
-    assert "extra" not in model.executed
-
-
-async def test_overloaded_when_all_queues_together_are_full(make, model):
-    s = make(max_queue=10, max_queued_total=3)
-    gate, first = await hold_worker(s, model)
-    queued = submit_all(s, [("A", 1), ("A", 2), ("B", 1)])
-    await until(lambda: s.total_depth == 3)
-    with pytest.raises(Overloaded):
-        await s.submit("C", "extra")
-    assert s.total_depth == 3 and s.depth("C") == 0
-    gate.set()
-    await asyncio.gather(first, *queued)
-    assert "C" not in model.tasks
-
-
-# -- deadlines and cancellation ----------------------------------------------------------------
-
-
-async def test_request_past_its_deadline_fails_and_never_runs(make, model):
-    s = make()
-    gate, first = await hold_worker(s, model)
-    with pytest.raises(DeadlineExceeded):
-        await s.submit("A", "late", timeout_s=0.05)
-    assert s.depth("A") == 0
-    gate.set()
-    assert await first == "A:A1"
-    assert await s.submit("A", "after") == "A:after"
-    assert "late" not in model.executed
-
-
-async def test_worker_never_runs_a_request_already_past_its_deadline(make, model):
-    # no fill wait and no load to await: the worker takes it before the submit's timer fires
-    s = make(max_batch=1, load=False)
-    with pytest.raises(DeadlineExceeded):
-        await s.submit("A", "late", timeout_s=0)
-    assert await s.submit("A", "ok") == "A:ok"
-    assert model.executed == ["ok"]
-
-
-async def test_cancelled_request_is_dropped_from_its_queue_and_never_runs(make, model):
-    s = make()
-    gate, first = await hold_worker(s, model)
-    gone = asyncio.create_task(s.submit("A", "gone"))
-    await until(lambda: s.depth("A") == 1)
-    gone.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await gone
-    assert s.depth("A") == 0 and s.total_depth == 0
-    gate.set()
-    await first
-    assert await s.submit("A", "next") == "A:next"
-    assert "gone" not in model.executed
-
-
-async def test_cancelled_while_running_drops_the_result_and_the_worker_goes_on(make, model):
-    s = make()
-    gate, running = await hold_worker(s, model)
-    running.cancel()
-    gate.set()
-    with pytest.raises(asyncio.CancelledError):
-        await running
-    assert await s.submit("A", "next") == "A:next"
-    assert s.batches == 2
-
-
-# -- failures ----------------------------------------------------------------------------------
-
-
-async def test_an_exception_item_fails_only_its_request(make, model):
-    s = make(max_batch=4, max_wait_ms=20)
-    results = await asyncio.gather(*(s.submit("A", p) for p in ["ok1", "bad", "ok2"]),
-                                   return_exceptions=True)
-    assert model.calls == [("A", ["ok1", "bad", "ok2"])]  # one batch
-    assert results[0] == "A:ok1" and results[2] == "A:ok2"
-    assert isinstance(results[1], ValueError)
-
-
-async def test_execute_raising_fails_every_request_of_the_batch(make, model):
-    s = make(max_batch=4, max_wait_ms=20)
-    results = await asyncio.gather(*(s.submit("A", p) for p in ["x", "boom", "y"]),
-                                   return_exceptions=True)
-    assert len(model.calls) == 1
-    assert all(isinstance(r, RuntimeError) for r in results)
-    assert await s.submit("A", "after") == "A:after"
-
-
-async def test_load_failure_fails_that_batch_without_running_it(make, model):
-    s = make()
-    model.failing_loads.add("broken")
-    with pytest.raises(LookupError):
-        await s.submit("broken", 1)
-    assert await s.submit("A", 1) == "A:1"
-    assert model.tasks == ["A"]
-    assert s.current_task == "A" and s.swaps == 0
-
-
-# -- threads and prefetch ----------------------------------------------------------------------
-
-
-async def test_execute_runs_in_one_worker_thread_off_the_event_loop(make, model):
-    s = make(max_batch=2)
-    await asyncio.gather(*(s.submit(t, i) for i in range(5) for t in "ABC"))
-    assert len(model.threads) >= 3
-    assert len(set(model.threads)) == 1
-    assert model.threads[0] != threading.get_ident()
-
-
-async def test_prefetch_loads_the_next_queued_tasks_when_a_batch_starts(make, model):
-    s = make(start=False, max_batch=1, prefetch_depth=2)
-    gate = model.gate("A1")
-    queued = submit_all(s, [("A", "A1"), ("B", 1), ("C", 1), ("D", 1)])
-    await until(lambda: s.total_depth == 4)
-    s.start()
-    await until(lambda: model.started("A1"))  # held open
-    await until(lambda: {"B", "C"} <= set(model.loads))
-    assert "D" not in model.loads  # only the next prefetch_depth tasks
-    assert model.tasks == ["A"]
-    gate.set()
-    await asyncio.gather(*queued)
-    assert model.tasks == ["A", "B", "C", "D"]
-    assert model.handles == ["handle:A", "handle:B", "handle:C", "handle:D"]
-
-
-async def test_prefetch_loads_tasks_that_arrive_while_a_batch_runs(make, model):
-    s = make(max_batch=1, prefetch_depth=2)
-    gate, first = await hold_worker(s, model)  # "A" is in the worker thread, held open
-    rest = submit_all(s, [("A", "A2"), ("B", 1), ("C", 1), ("D", 1)])
-    await until(lambda: {"B", "C"} <= set(model.loads))
-    assert model.loads.count("A") == 1  # A's own load, for the batch now running
-    assert "D" not in model.loads  # two tasks are ahead of it: not among the next two
-    assert model.tasks == ["A"]
-    gate.set()
-    await asyncio.gather(first, *rest)
-    assert model.tasks == ["A", "A", "B", "C", "D"]
-    assert model.handles == ["handle:A", "handle:A", "handle:B", "handle:C", "handle:D"]
-
-
-async def test_a_batch_reuses_its_tasks_prefetch_still_in_flight(make, model):
-    s = make(max_batch=1)
-    slow_load = model.hold_load("B")
-    gate, first = await hold_worker(s, model)
-    second = asyncio.create_task(s.submit("B", 1))
-    await until(lambda: "B" in model.loads)  # the prefetch, now stuck in load
-    gate.set()
-    await first
-    await asyncio.sleep(0.01)  # the B batch now waits for that same load
-    slow_load.set()
-    assert await second == "B:1"
-    assert model.loads.count("B") == 1
-    assert model.handles == ["handle:A", "handle:B"]
-
-
-async def test_on_batch_reports_size_waits_and_run_time(model):
-    seen: list[tuple[str, int, list[float], float]] = []
-    s = Scheduler(model.execute, None, **{**DEFAULTS, "max_wait_ms": 20},
-                  on_batch=lambda *args: seen.append(args))
-    s.start()
-    await asyncio.gather(*(s.submit("A", i) for i in range(3)))
-    await s.stop()
-    assert [(task, size, len(waits)) for task, size, waits, _ in seen] == [("A", 3, 3)]
-    assert all(w >= 0 for w in seen[0][2]) and seen[0][3] >= 0
-    assert model.handles == [None]  # no load: execute gets no handle
-
-
-# -- stop --------------------------------------------------------------------------------------
-
-
-async def test_stop_fails_queued_requests_and_finishes_the_running_batch(make, model):
-    s = make()
-    gate, first = await hold_worker(s, model)
-    queued = submit_all(s, [("A", "A2"), ("B", 1)])
-    await until(lambda: s.total_depth == 2)
-    stopping = asyncio.create_task(s.stop())
-    for request in queued:
-        with pytest.raises(Overloaded, match="shutting down"):
-            await request
-    gate.set()
-    assert await first == "A:A1"
+from taskdelta.server.store import StoredTask
+
+PROMPTS = ["this is a test.", "hello world", "the capital of france is", "one two three four five",
+           "a", "once upon a time there was a story about a very long journey"]
+
+
+class MemoryStore:
+    """The parts of `DeltaStore` the engine reads, in memory; `put` replaces a task."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+        self.tasks: dict[tuple[str, str], tuple[StoredTask, bytes]] = {}
+
+    def put(self, tenant: str, name: str, blob: bytes, kind: str) -> StoredTask:
+        old = self.tasks.get((tenant, name))
+        version = old[0].version + 1 if old else 1
+        info = {"kind": kind, "labels": "[]", "sha256": hashlib.sha256(blob).hexdigest(),
+                "validated_for": stamp(self.base)}
+        task = StoredTask(tenant, name, version, info)
+        self.tasks[(tenant, name)] = (task, blob)
+        return task
+
+    async def get(self, tenant: str, name: str) -> StoredTask:
+        return self.tasks[(tenant, name)][0]
+
+    async def get_blob(self, tenant: str, name: str, version: int | None = None):
+        task, blob = self.tasks[(tenant, name)]
+        if version is not None and version != task.version:
+            raise VersionConflict(f"at {task.version}, not {version}")
+        return task, blob
+
+    async def current_version(self, tenant: str, name: str) -> int | None:
+        got = self.tasks.get((tenant, name))
+        return got[0].version if got else None
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A tiny Llama whose greedy outputs vary (larger initial weights than the shared fixture's,
+    whose random model answers EOS at once)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=101, eos_token_id=102,
+                      initializer_range=0.2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    out = tmp_path_factory.mktemp("varied-llama")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir: Path):
+    return load_base(llama_dir, device="cpu")
+
+
+def make_engine(base, store=None, **over) -> Engine:
+    settings = get_settings(**{"cache_bytes": 64 * 1024**2, "request_timeout_s": 30.0, **over})
+    return Engine(base, store or MemoryStore(base), settings)
+
+
+class StepLog:
+    """Wraps the executor's step: records every plan's shape; `hold` blocks the worker."""
+
+    def __init__(self, engine: Engine, delay_s: float = 0.0) -> None:
+        self.plans: list[dict] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        step = engine.executor.step
+
+        def logged(plan):
+            assert self.hold.wait(10), "a test forgot to release the worker"
+            if delay_s:
+                threading.Event().wait(delay_s)  # a slower model
+            self.plans.append({
+                "encode_rows": [[len(j.texts) for j in p.jobs] for p in plan.encode],
+                "encode_texts": [[t for j in p.jobs for t in j.texts] for p in plan.encode],
+                "prefill": sum(t for _, t in plan.prefill),
+                "decode_rows": sum(len(g) for g, _ in plan.decode),
+                "live": sum(len(g) for g, _ in plan.decode) + len(plan.prefill)})
+            return step(plan)
+
+        engine.executor.step = logged  # type: ignore[method-assign]
+
+
+def job(prompt: str, **params) -> GenerateJob:
+    return GenerateJob(prompt=prompt, params=SamplingParams(**{"max_new_tokens": 12, **params}))
+
+
+async def run_all(engine: Engine, jobs: list[GenerateJob], order: list[int] | None = None,
+                  held: StepLog | None = None, **submit) -> list:
+    """Submit the jobs in `order` (10 ms apart; with `held`, the worker waits until all are
+    in), answers in the jobs' order."""
+    sched = engine.scheduler
+    sched.start()
+    if held is not None:
+        held.hold.clear()
+        asyncio.get_running_loop().call_later(0.01 * len(jobs) + 0.05, held.hold.set)
+    try:
+        futures: dict[int, asyncio.Future] = {}
+        for i in order or range(len(jobs)):
+            futures[i] = asyncio.ensure_future(sched.submit(engine.registry.base_ref("t"), jobs[i],
+                                                            **submit))
+            await asyncio.sleep(0.01)
+        return [await futures[i] for i in range(len(jobs))]
+    finally:
+        await sched.stop()
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 2, 4], [2, 5, 0, 4, 1, 3]])
+async def test_greedy_output_in_a_continuous_batch_equals_running_alone(llama, order):
+    alone = [generate(llama.model, llama.tokenizer, job(p)) for p in PROMPTS]
+    assert len({g.text for g in alone}) > 3, "the model must answer differently per prompt"
+    engine = make_engine(llama, prefill_tokens=16)
+    log = StepLog(engine)
+    served = await run_all(engine, [job(p) for p in PROMPTS], order)
+    assert [g.text for g in served] == [g.text for g in alone]
+    assert [g.completion_tokens for g in served] == [g.completion_tokens for g in alone]
+    assert max(p["decode_rows"] for p in log.plans) > 1, "sequences never shared a decode step"
+
+
+async def test_generations_share_decode_steps(llama):
+    engine = make_engine(llama)
+    log = StepLog(engine)
+    served = await run_all(engine, [job(p, max_new_tokens=16) for p in PROMPTS * 2], held=log)
+    tokens = sum(g.completion_tokens for g in served)
+    decode_steps = sum(1 for p in log.plans if p["decode_rows"])
+    assert tokens == 12 * 16
+    assert decode_steps < tokens / 4, "a continuous batch decodes many sequences per step"
+
+
+async def test_long_prompts_are_read_in_chunks(llama):
+    engine = make_engine(llama, prefill_tokens=16)
+    log = StepLog(engine)
+    long_prompt = " ".join(["word"] * 120)
+    served = await run_all(engine, [job(long_prompt), job("hello")])
+    assert served[0].prompt_tokens > 100
+    assert max(p["prefill"] for p in log.plans) <= 16
+    assert served[0].text == generate(llama.model, llama.tokenizer, job(long_prompt)).text
+
+
+async def test_kv_budget_bounds_live_sequences_and_everyone_is_served(llama):
+    from taskdelta.server.kv import kv_bytes_per_token
+
+    per_token = kv_bytes_per_token(llama.config, llama.dtype)
+    engine = make_engine(llama)
+    engine.scheduler.limits = dataclasses.replace(engine.scheduler.limits,
+                                                  kv_cache_bytes=per_token * 40)
+    log = StepLog(engine)
+    jobs = [job(p, max_new_tokens=8) for p in ["hello world", "a b c", "one two", "x y z", "ok"]]
+    reserved = [len(llama.tokenizer(j.prompt)["input_ids"]) + 8 for j in jobs]
+    served = await run_all(engine, jobs)
+    fits = 40 // max(reserved)
+    assert 1 <= max(p["live"] for p in log.plans) <= fits
+    assert [g.text for g in served] == [generate(llama.model, llama.tokenizer, j).text for j in jobs]
+
+
+async def test_a_generation_larger_than_the_kv_budget_is_refused(llama):
+    from taskdelta.server.kv import kv_bytes_per_token
+
+    engine = make_engine(llama)
+    per_token = kv_bytes_per_token(llama.config, llama.dtype)
+    engine.scheduler.limits = dataclasses.replace(engine.scheduler.limits,
+                                                  kv_cache_bytes=per_token * 10)
+    with pytest.raises(BadTaskRequest, match="KV cache"):
+        await run_all(engine, [job("hello world", max_new_tokens=64)])
+
+
+async def test_a_deadline_stops_the_generation_at_the_next_step(llama):
+    engine = make_engine(llama)
+    log = StepLog(engine, delay_s=0.01)
+    chunks: list = []
+    long_job = GenerateJob(prompt="hello", params=SamplingParams(max_new_tokens=200),
+                           emit=chunks.append)
+    sched = engine.scheduler
+    sched.start()
+    try:
+        with pytest.raises(DeadlineExceeded):
+            await sched.submit(engine.registry.base_ref("t"), long_job, timeout_s=0.3)
+        for _ in range(200):  # the sequence leaves within a step or two
+            if sched.live_sequences == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert sched.live_sequences == 0
+        steps_after = len(log.plans)
+        answer = await sched.submit(engine.registry.base_ref("t"), job("hi", max_new_tokens=2))
+        assert answer.completion_tokens == 2
+    finally:
+        await sched.stop()
+    assert sum(p["decode_rows"] for p in log.plans[:steps_after]) < 200, "the work ran on"
+
+
+async def test_a_stream_never_shows_text_that_a_stop_string_cuts(llama):
+    prompt = "the capital of france is"
+    full = generate(llama.model, llama.tokenizer, job(prompt, max_new_tokens=20)).text
+    words = full.split()
+    assert len(words) > 3
+    stop = " " + words[2]  # cut in the middle of the answer
+    answer = generate(llama.model, llama.tokenizer, job(prompt, max_new_tokens=20, stop=[stop]))
+    assert answer.finish_reason == "stop" and stop not in answer.text
+    engine = make_engine(llama)
+    pieces: list = []
+    streamed_job = GenerateJob(prompt=prompt, params=SamplingParams(max_new_tokens=20, stop=[stop]),
+                               emit=pieces.append)
+    served = await run_all(engine, [streamed_job])
+    text = "".join(c.text for c in pieces)
+    assert text == answer.text == served[0].text
+    shown = itertools.accumulate(c.text for c in pieces)
+    assert all(answer.text.startswith(prefix) for prefix in shown), "a stream showed cut text"
+    assert pieces[-1].finish_reason == "stop"
+
+
+def test_settled_length_holds_back_a_possible_stop_prefix():
+    from taskdelta.server.sequences import settled_length
+
+    assert settled_length("4, 5, 6, ", [" 7"]) == len("4, 5, 6,")
+    assert settled_length("4, 5, 6,", [" 7"]) == len("4, 5, 6,")
+    assert settled_length("abc\ufffd", []) == 3
+    assert settled_length("ab", ["xyz"]) == 2
+
+
+async def test_classify_embed_run_in_bounded_micro_batches_and_others_get_answers(tiny_bert):
+    engine = make_engine(tiny_bert, max_batch=8, max_batch_tokens=512, max_consecutive_batches=2)
+    log = StepLog(engine)
+    sched = engine.scheduler
+    sched.start()
+    big = EmbedJob(texts=tuple(" ".join(["token"] * (20 + i % 40)) for i in range(64)))
+    small = EmbedJob(texts=("a short one",))
+    finished: list[str] = []
+    try:
+        async def run(name: str, j: EmbedJob, tenant: str):
+            out = await sched.submit(engine.registry.base_ref(tenant), j)
+            finished.append(name)
+            return out
+
+        log.hold.clear()  # both are queued before the first step
+        big_task = asyncio.ensure_future(run("big", big, "acme"))
+        await asyncio.sleep(0.05)
+        small_task = asyncio.ensure_future(run("small", small, "other"))
+        await asyncio.sleep(0.05)
+        log.hold.set()
+        big_out, small_out = await big_task, await small_task
+    finally:
+        await sched.stop()
+    lengths = engine.measure(big) + engine.measure(small)
+    by_text = dict(zip(big.texts + small.texts, lengths, strict=True))
+    forwards = [texts for p in log.plans for texts in p["encode_texts"]]
+    assert len(forwards) > 64 * 30 // 512, "the big request took several forwards"
+    for texts in forwards:
+        assert len(texts) <= 8 and len(texts) * max(by_text[t] for t in texts) <= 512
+    assert finished.index("small") < finished.index("big"), "a small request waited for a big one"
+    assert len(big_out.rows) == 64 and len(small_out.rows) == 1
+    from taskdelta.server.inference import embed
+
+    alone = embed(tiny_bert.backbone, tiny_bert.tokenizer, [big])[0]  # one padded batch of 64
+    assert torch.allclose(torch.tensor(big_out.rows), torch.tensor(alone), atol=1e-5)
+
+
+async def test_the_answer_names_the_version_that_ran(tiny_bert):
+    store = MemoryStore(tiny_bert)
+    store.put("acme", "task", dumps(random_delta(tiny_bert, 0.01, seed=1, kind="embed")), "embed")
+    engine = make_engine(tiny_bert, store)
+    sched = engine.scheduler
+    sched.start()
+    try:
+        ref = await engine.registry.resolve("acme", "task", "embed")
+        assert ref.version == 1
+        out = await sched.submit(ref, EmbedJob(texts=("hello",)))
+        assert out.version == 1
+        store.put("acme", "task", dumps(random_delta(tiny_bert, 0.01, seed=2, kind="embed")), "embed")
+        engine.registry.invalidate("acme", "task")
+        out = await sched.submit(ref, EmbedJob(texts=("hello",)))  # pinned to 1, which is gone
+        assert out.version == 2
+    finally:
+        await sched.stop()
+        engine.close()
+
+
+async def test_full_queue_answers_429_before_any_work(llama):
+    engine = make_engine(llama, max_queue=2)
+    log = StepLog(engine)
+    sched = engine.scheduler
+    sched.start()
+    ref = engine.registry.base_ref("t")
+    log.hold.clear()
+    try:
+        first = [asyncio.ensure_future(sched.submit(ref, job(p))) for p in PROMPTS[:2]]
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded):
+            await sched.submit(ref, job("one too many"))
+        log.hold.set()
+        assert all(g.completion_tokens for g in await asyncio.gather(*first))
+    finally:
+        log.hold.set()
+        await sched.stop()
+
+
+async def test_stop_fails_what_waits_and_joins_the_worker(llama):
+    engine = make_engine(llama)
+    log = StepLog(engine)
+    sched = engine.scheduler
+    sched.start()
+    log.hold.clear()
+    work = [asyncio.ensure_future(sched.submit(engine.registry.base_ref("t"), job(p)))
+            for p in PROMPTS]
+    await asyncio.sleep(0.05)
+    stopping = asyncio.ensure_future(sched.stop())
+    await asyncio.sleep(0.05)
+    log.hold.set()
     await stopping
-    with pytest.raises(Overloaded):
-        await s.submit("A", "late")
-    assert model.executed == ["A1"]
+    outcomes = await asyncio.gather(*work, return_exceptions=True)
+    assert all(isinstance(o, Overloaded) or hasattr(o, "text") for o in outcomes)
+    assert any(isinstance(o, Overloaded) for o in outcomes)
 
 
-async def test_stop_with_drain_runs_what_is_queued(make, model):
-    s = make()
-    gate, first = await hold_worker(s, model)
-    queued = submit_all(s, [("A", 2), ("B", 1)])
-    await until(lambda: s.total_depth == 2)
-    stopping = asyncio.create_task(s.stop(drain=True))
-    gate.set()
-    assert await asyncio.gather(first, *queued) == ["A:A1", "A:2", "B:1"]
-    await stopping
+def test_policy_take_rows_keeps_every_forward_within_budget():
+    from taskdelta.server.policy import RowBudget, take_rows
 
-
-def test_from_settings_takes_the_scheduler_settings(model):
-    cfg = get_settings(max_batch=3, max_wait_ms=7, max_queue=11, max_queued_total=13,
-                       max_consecutive_batches=5, max_hold_ms=17, request_timeout_s=19,
-                       retry_after_s=23)
-    s = Scheduler.from_settings(cfg, model.execute, model.load)
-    assert (s.max_batch, s.max_wait_ms, s.max_queue, s.max_queued_total) == (3, 7, 11, 13)
-    assert (s.max_consecutive_batches, s.max_hold_ms) == (5, 17)
-    assert (s.request_timeout_s, s.retry_after_s) == (19, 23)
-
-
-# -- properties over random workloads ----------------------------------------------------------
-
-
-workloads = st.lists(st.tuples(st.sampled_from("ABC"), st.booleans()), min_size=1, max_size=30)
-
-
-@settings(max_examples=40, deadline=None)
-@given(items=workloads, max_batch=st.integers(1, 4), turn=st.integers(1, 3))
-def test_every_request_is_answered_once_and_no_task_holds_on_while_others_wait(
-        items, max_batch, turn):
-    asyncio.run(_run_workload(items, max_batch, turn))
-
-
-async def _run_workload(items: list[tuple[str, bool]], max_batch: int, turn: int) -> None:
-    model = FakeModel()
-    s = Scheduler(model.execute, model.load, **{**DEFAULTS, "max_batch": max_batch,
-                                                "max_consecutive_batches": turn})
-    requests = submit_all(s, [(task, i) for i, (task, _) in enumerate(items)])
-    await asyncio.sleep(0)  # all queued before the worker starts
-    for request, (_, cancel) in zip(requests, items, strict=True):
-        if cancel:
-            request.cancel()
-    s.start()
-    results = await asyncio.gather(*requests, return_exceptions=True)
-    await s.stop()
-
-    for i, ((task, cancel), result) in enumerate(zip(items, results, strict=True)):
-        if cancel:
-            assert isinstance(result, asyncio.CancelledError)
-        else:
-            assert result == f"{task}:{i}"
-    ran = [i for i, (_, cancel) in enumerate(items) if not cancel]
-    assert sorted(model.executed) == ran  # each live request exactly once, no cancelled one
-    assert all(0 < len(payloads) <= max_batch for _, payloads in model.calls)
-    changes = sum(a != b for a, b in zip(model.tasks, model.tasks[1:], strict=False))
-    assert s.swaps == changes and s.batches == len(model.calls)
-    # a run longer than `turn` batches only happens once no other task has work left
-    streak = 0
-    for pos, task in enumerate(model.tasks):
-        streak = streak + 1 if pos and model.tasks[pos - 1] == task else 1
-        if streak > turn:
-            assert set(model.tasks[pos:]) == {task}
+    for lengths in itertools.product([1, 7, 30, 64], repeat=3):
+        budget = RowBudget(max_rows=4, max_tokens=64)
+        slices = take_rows([("a", sorted(lengths)), ("b", [5, 5])], budget)
+        rows = [i for s in slices for i in s.indices]
+        assert 1 <= len(rows) <= 4 and budget.rows * budget.longest <= max(64, budget.longest)

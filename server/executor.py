@@ -1,0 +1,233 @@
+"""The executor: the only code that writes the base's weights. Runs in the engine's worker thread.
+
+One step (`step`) does what the scheduler planned: at most one classify/embed micro-batch, some
+prompt prefill (chunks of at most the planned tokens), and one decode token for every live row.
+Each forward runs on the weights of the task it serves: `swap_to` swaps that task's delta in
+(bit-exact, restoring the saved base values first), or, for a classify/embed micro-batch of
+several tasks, runs the untouched base with each delta as a sparse correction on its own rows.
+A task stays swapped in after its forward, so consecutive forwards of one task swap nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from taskdelta.deltas import Base, PreparedDelta, Swapper
+from taskdelta.deltas.mixed import MixedDelta, Mixer
+
+from .inference import MixedPart, classify, classify_mixed, embed, embed_mixed
+from .jobs import ClassifyJob, EmbedJob, Job
+from .kv import DecodeGroup, Prefilled, cache_argument
+from .sequences import Sequence
+
+
+@dataclass(frozen=True)
+class EncodePart:
+    """One task's rows of a classify/embed micro-batch: sub-jobs holding slices of requests."""
+
+    key: str  # "tenant/name", for the mixed form's cache accounting
+    prepared: PreparedDelta | None
+    labels: tuple[str, ...]
+    jobs: list[Job]
+
+
+@dataclass(eq=False)
+class Prefill:
+    """A sequence whose prompt is being read into its own cache, chunk by chunk."""
+
+    seq: Sequence
+    prepared: PreparedDelta | None
+    group: DecodeGroup  # where it goes once its prompt is read
+    cache: DynamicCache | None = None
+
+
+@dataclass
+class StepPlan:
+    encode: list[EncodePart] = field(default_factory=list)
+    prefill: list[tuple[Prefill, int]] = field(default_factory=list)  # (work, tokens this step)
+    decode: list[tuple[DecodeGroup, PreparedDelta | None]] = field(default_factory=list)
+
+
+@dataclass
+class StepReport:
+    encoded: list[list[Any]] = field(default_factory=list)  # per part, per job: its result
+    encode_error: BaseException | None = None
+    prefill_errors: list[tuple[Prefill, BaseException]] = field(default_factory=list)
+    decode_errors: list[tuple[DecodeGroup, BaseException]] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)  # done, or cancelled, this step
+    decoded_rows: int = 0
+
+
+class Executor:
+    def __init__(self, base: Base, mixer: Mixer | None = None,
+                 on_swap: Callable[[float], None] | None = None,
+                 grow_cache: Callable[[str, PreparedDelta, int], None] | None = None) -> None:
+        self.base = base
+        self.swapper = Swapper(base)
+        self.mixer = mixer
+        self.on_swap = on_swap
+        self._grow_cache = grow_cache  # counts a delta's mixed form in its cache entry
+        self.swaps = 0  # times the live weights changed task
+        self._cache_arg = cache_argument(base.model) if base.is_causal_lm else "past_key_values"
+
+    @property
+    def active(self) -> PreparedDelta | None:
+        return self.swapper.active
+
+    def swap_to(self, prepared: PreparedDelta | None) -> None:
+        """Make the live weights those of `prepared` (None: the exact base)."""
+        if self.swapper.active is prepared:
+            return
+        started = time.perf_counter()
+        if self.swapper.active is not None:
+            self.swapper.restore()
+        if prepared is not None:
+            self.swapper.apply(prepared)
+        self.swaps += 1
+        if self.on_swap is not None:
+            self.on_swap(time.perf_counter() - started)
+
+    def restore_base(self) -> None:
+        self.swap_to(None)
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def step(self, plan: StepPlan) -> StepReport:
+        report = StepReport()
+        if plan.encode:
+            try:
+                report.encoded = self.encode(plan.encode)
+            except Exception as exc:  # the micro-batch fails; the step goes on
+                report.encode_error = exc
+        for work, tokens in plan.prefill:
+            try:
+                self.prefill(work, tokens, report)
+            except Exception as exc:
+                report.prefill_errors.append((work, exc))
+        for group, prepared in plan.decode:
+            try:
+                self.decode(group, prepared, report)
+            except Exception as exc:
+                report.decode_errors.append((group, exc))
+        return report
+
+    # -- classify / embed ---------------------------------------------------------------------
+
+    def encode(self, parts: list[EncodePart]) -> list[list[Any]]:
+        """Per part, per job: its rows' results. One part: its task swapped in, exact. Several:
+        one forward of the base with each part's delta correcting its rows (mixed)."""
+        if len(parts) == 1:
+            part = parts[0]
+            self.swap_to(part.prepared)
+            return [self._encode_one(part)]
+        return self._encode_mixed(parts)
+
+    def _encode_one(self, part: EncodePart) -> list[Any]:
+        results: list[Any] = [None] * len(part.jobs)
+        tokenizer = self.base.tokenizer
+        for kind, run in ((ClassifyJob, self._classify), (EmbedJob, self._embed)):
+            idx = [i for i, job in enumerate(part.jobs) if isinstance(job, kind)]
+            if idx:
+                for i, r in zip(idx, run(tokenizer, part, [part.jobs[i] for i in idx]), strict=True):
+                    results[i] = r
+        return results
+
+    def _classify(self, tokenizer, part: EncodePart, jobs: list) -> list:
+        return classify(self.swapper.task_model, tokenizer, part.labels, jobs)
+
+    def _embed(self, tokenizer, part: EncodePart, jobs: list) -> list:
+        return embed(self.base.backbone, tokenizer, jobs)
+
+    def _encode_mixed(self, parts: list[EncodePart]) -> list[list[Any]]:
+        assert self.mixer is not None, "mixed micro-batch without a mixer"
+        self.swap_to(None)  # the base, exactly: no task swapped in
+        tokenizer, backbone = self.base.tokenizer, self.base.backbone
+        by_kind: dict[type, list[tuple[int, MixedPart]]] = {}
+        for n, part in enumerate(parts):
+            mixed = self._mixed_form(part) if part.prepared is not None else None
+            for kind in (ClassifyJob, EmbedJob):
+                mine = [j for j in part.jobs if isinstance(j, kind)]
+                if mine:
+                    head = part.prepared.head if part.prepared is not None else None
+                    by_kind.setdefault(kind, []).append((n, MixedPart(mixed, head, part.labels, mine)))
+        answers: dict[tuple[int, type], list[Any]] = {}
+        for kind, run in ((ClassifyJob, classify_mixed), (EmbedJob, embed_mixed)):
+            group = by_kind.get(kind, [])
+            if group:
+                got = run(self.mixer, backbone, tokenizer, [p for _, p in group])
+                answers.update({(n, kind): list(r) for (n, _), r in zip(group, got, strict=True)})
+        return [[answers[(n, type(job))].pop(0) for job in part.jobs] for n, part in enumerate(parts)]
+
+    def _mixed_form(self, part: EncodePart) -> MixedDelta:
+        assert self.mixer is not None and part.prepared is not None
+        mixed = self.mixer.cached(part.prepared)
+        if mixed is None:
+            mixed = self.mixer.build(part.prepared)
+            if self._grow_cache is not None:
+                self._grow_cache(part.key, part.prepared, mixed.nbytes)
+        return mixed
+
+    # -- generation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, work: Prefill, tokens: int, report: StepReport) -> None:
+        """Read up to `tokens` more prompt tokens into the sequence's cache; at the end of the
+        prompt pick its first token and move it into its decode group."""
+        seq = work.seq
+        if seq.cancel_requested():
+            seq.finish = seq.finish or "stop"
+            report.finished.append(seq)
+            return
+        self.swap_to(work.prepared)
+        model = self.swapper.task_model
+        device = _device(model)
+        if work.cache is None:
+            work.cache = DynamicCache(config=model.config)
+        start, end = seq.prefilled, min(len(seq.prompt), seq.prefilled + max(1, tokens))
+        ids = torch.tensor([seq.prompt[start:end]], device=device)
+        positions = torch.arange(start, end, device=device)[None, :]
+        out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{self._cache_arg: work.cache})
+        seq.prefilled = end
+        if end < len(seq.prompt):
+            return
+        token = seq.pick(out.logits[0, -1].float())
+        seq.push(token)
+        if seq.done:
+            report.finished.append(seq)
+        else:
+            work.group.join(Prefilled(seq, work.cache), token)
+        work.cache = None
+
+    @torch.no_grad()
+    def decode(self, group: DecodeGroup, prepared: PreparedDelta | None, report: StepReport) -> None:
+        """Drop rows that were cancelled, then one new token for every row of the group."""
+        gone = [s for s in group.rows if s.cancel_requested()]
+        for seq in gone:
+            seq.finish = seq.finish or "stop"
+        report.finished += gone
+        group.keep([i for i, s in enumerate(group.rows) if not s.done])
+        if not group.rows:
+            return
+        self.swap_to(prepared)
+        model = self.swapper.task_model
+        out = model(**group.step_inputs(_device(model), self._cache_arg))
+        logits = out.logits[:, -1].float()  # [rows, vocab]
+        report.decoded_rows += len(group.rows)
+        for i, seq in enumerate(group.rows):
+            token = seq.pick(logits[i])
+            seq.push(token)
+            group.next_ids[i] = token
+            if seq.done:
+                report.finished.append(seq)
+        group.keep([i for i, s in enumerate(group.rows) if not s.done])
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device

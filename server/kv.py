@@ -1,0 +1,110 @@
+"""KV caches of live sequences: one left-padded batch per decode group.
+
+A group's rows share one transformers `DynamicCache` whose layers hold keys and values as
+[rows, kv_heads, T, head_dim]. Rows are left-padded: row i's real positions are the last
+T - pad[i] columns, so every row's next token lands in the same column and one forward decodes
+them all (the attention mask hides the pads; positions are given per row). A sequence joins
+after its own prefill (its cache padded to the group's length, or the group's to its, then
+concatenated along the rows) and leaves by row selection; columns that every row pads are then
+cut off. Only the engine's worker thread touches these tensors.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from .sequences import Sequence
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The forward's name for the KV cache: `cache` in newer transformers, else the old one."""
+    names = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take over all layers."""
+    layers = config.num_hidden_layers
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * layers * heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+@dataclass
+class Prefilled:
+    """A sequence whose prompt is in its own cache [1, heads, len, dim], ready to join a group."""
+
+    seq: Sequence
+    cache: DynamicCache
+
+
+class DecodeGroup:
+    """The live rows that decode together in one forward (today: one task's sequences)."""
+
+    def __init__(self) -> None:
+        self.rows: list[Sequence] = []
+        self.pads: list[int] = []
+        self.cache: DynamicCache | None = None
+        self.next_ids: list[int] = []  # per row: the token to feed at the next step
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def length(self) -> int:
+        """T: the cache's columns (pads included)."""
+        return 0 if self.cache is None else self.cache.get_seq_length()
+
+    def join(self, new: Prefilled, first_token: int) -> None:
+        """Add a prefilled sequence as a new row; `first_token` is fed at the next step."""
+        own, old = new.cache.get_seq_length(), self.length
+        width = max(old, own)
+        if self.cache is None:
+            self.cache = new.cache
+        else:
+            for mine, theirs in zip(self.cache.layers, new.cache.layers, strict=True):
+                mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+                mine.values = torch.cat([_pad_left(mine.values, width),
+                                         _pad_left(theirs.values, width)])
+        self.pads = [p + width - old for p in self.pads] + [width - own]
+        self.rows.append(new.seq)
+        self.next_ids.append(first_token)
+
+    def keep(self, keep: list[int]) -> None:
+        """Only these rows stay (in this order); columns every row pads are cut."""
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.pads, self.next_ids, self.cache = [], [], [], None
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        cut = min(self.pads[i] for i in keep)
+        for layer in self.cache.layers:  # type: ignore[union-attr]
+            index = index.to(layer.keys.device)
+            layer.keys = layer.keys[index, :, cut:].contiguous()
+            layer.values = layer.values[index, :, cut:].contiguous()
+        self.rows = [self.rows[i] for i in keep]
+        self.pads = [self.pads[i] - cut for i in keep]
+        self.next_ids = [self.next_ids[i] for i in keep]
+
+    def step_inputs(self, device: torch.device, cache_arg: str) -> dict:
+        """The forward's arguments for one decode token on every row."""
+        width = self.length + 1
+        cols = torch.arange(width)
+        pads = torch.tensor(self.pads)
+        mask = (cols[None, :] >= pads[:, None]).long()  # [rows, T + 1]
+        positions = (width - 1 - pads)[:, None]  # [rows, 1]: each row's own position
+        return {"input_ids": torch.tensor(self.next_ids, device=device)[:, None],
+                "attention_mask": mask.to(device), "position_ids": positions.to(device),
+                cache_arg: self.cache, "use_cache": True}
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """[rows, heads, T, dim] -> [rows, heads, width, dim], zeros in front."""
+    missing = width - t.shape[2]
+    return t if missing == 0 else F.pad(t, (0, 0, missing, 0))
