@@ -30,8 +30,14 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
 
     # scheduler
-    max_batch: int = Field(16, ge=1, le=512)
-    max_wait_ms: float = Field(5.0, ge=0, description="Wait this long to fill a batch")
+    max_batch: int = Field(16, ge=1, le=512, description="Texts per classify/embed forward")
+    max_batch_tokens: int = Field(8192, ge=512, description="Texts x padded tokens per "
+                                  "classify/embed forward (a larger request takes several steps)")
+    max_live_sequences: int = Field(64, ge=1, le=1024, description="Generations decoding at once")
+    kv_cache_bytes: int = Field(2 * 1024**3, ge=1024 * 1024, description="KV cache budget of the "
+                                "live generations; a generation that does not fit waits")
+    prefill_tokens: int = Field(256, ge=16, description="Prompt tokens read per step (long "
+                                "prompts in chunks, so a step stays short)")
     max_queue: int = Field(256, ge=1, description="Per-task queue bound; full -> 429")
     max_queued_total: int = Field(4096, ge=1, description="All queues together; full -> 429")
     max_consecutive_batches: int = Field(8, ge=1, description="Hand over after N batches if others wait")
