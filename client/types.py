@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 TaskKind = Literal["classify", "generate", "embed"]
 MAX_TEXTS = 256
 MAX_TEXT_CHARS = 20_000
+MAX_TOP_LOGPROBS = 20
 
 
 class _Request(BaseModel):
@@ -72,8 +73,23 @@ class ClassifyResponse(_Response):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str = Field(max_length=MAX_TEXT_CHARS * 4)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        """OpenAI clients may send content as parts: text parts are joined, others refused."""
+        if not isinstance(value, list):
+            return value
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+            raise ValueError("only text content parts are supported")
+        return "".join(str(p.get("text", "")) for p in value)
+
+    @field_validator("role")
+    @classmethod
+    def _developer_is_system(cls, value: str) -> str:
+        return "system" if value == "developer" else value  # OpenAI's newer name for it
 
 
 class SamplingParams(_Request):
@@ -82,6 +98,9 @@ class SamplingParams(_Request):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, max_length=8)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                 description="None: off; k: each chosen token's logprob and the "
+                                             "k most likely alternatives")
 
 
 class GenerateRequest(SamplingParams):
@@ -108,12 +127,26 @@ class GenerateResponse(_Response):
     usage: Usage
 
 
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(_Response):
+    """One generated token: its text, its log-probability and the top alternatives at its step."""
+
+    token: str
+    logprob: float
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
 class StreamChunk(_Response):
     """One server-sent event of a streamed generate: a piece of text, or the final summary."""
 
     text: str = ""
     finish_reason: Literal["stop", "length"] | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] | None = None  # the tokens of `text`, when asked for
 
 
 class EmbedRequest(_Request):
@@ -152,23 +185,4 @@ class ErrorBody(_Response):
     error: ErrorDetail
 
 
-# --- OpenAI-compatible ---------------------------------------------------------------------------
-
-class _OpenAIRequest(BaseModel):
-    # OpenAI clients send fields we do not use (user, n=1, ...): ignored, not refused
-    model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1, description="The task name (or `base`)")
-    max_tokens: int = Field(64, ge=1, le=1024)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    stream: bool = False
-
-
-class ChatCompletionRequest(_OpenAIRequest):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-
-
-class CompletionRequest(_OpenAIRequest):
-    prompt: str = Field(max_length=MAX_TEXT_CHARS * 4)
+# The OpenAI- and LoRAX-compatible routes' models: openai_types.py and lorax_types.py.

@@ -14,10 +14,11 @@ from .errors import Unauthorized
 from .settings import Settings
 
 log = logging.getLogger("taskdelta.auth")
-# `$` also matches before a trailing newline in Python: check names with `valid_name` (fullmatch).
-# The pattern itself is also given to pydantic (path parameters), whose regex engine has no such
-# quirk.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A task or tenant name. NAME_PATTERN is for pydantic and the OpenAPI schema (whose regex engine
+# reads `$` as the end of the text); NAME_RE for Python, where `$` also matches before a trailing
+# newline ("t\n" would pass `re.match` and then fail as a Redis key): `\Z` is the end only.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 DEFAULT_TENANT = "default"
 ADMIN_TENANT = "admin"
 RESERVED_TENANTS = frozenset({ADMIN_TENANT})  # the admin key's own namespace

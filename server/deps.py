@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from taskdelta.deltas import Base
 
-from .auth import NAME_RE, KeyRing, Tenant
+from .auth import NAME_PATTERN, KeyRing, Tenant
 from .engine import Engine
 from .metrics import Metrics
 from .registry import TaskRegistry
@@ -47,4 +47,4 @@ def current_tenant(state: StateDep, credentials: Annotated[HTTPAuthorizationCred
 
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
-TaskName = Annotated[str, Path(pattern=NAME_RE.pattern, description="Task name, or `base`")]
+TaskName = Annotated[str, Path(pattern=NAME_PATTERN, description="Task name, or `base`")]
