@@ -1,16 +1,24 @@
-"""The one place where domain errors become HTTP statuses and one JSON error shape:
-{"error": {"type": ..., "message": ..., "request_id": ...}}."""
+"""The one place where domain errors become HTTP statuses and JSON error bodies.
+
+The project's own routes answer {"error": {"type": ..., "message": ..., "request_id": ...}}.
+Routes that stand in for another server speak its dialect, chosen by path (DIALECT_PATHS), so
+that client's own error classes work: OpenAI's {"error": {"message", "type", "param", "code"}}
+with 400 for an invalid body, and LoRAX/TGI's {"error": ..., "error_type": ...}.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from taskdelta.client.lorax_types import LoraxError
+from taskdelta.client.openai_types import OpenAIErrorBody
 from taskdelta.client.types import ErrorBody
 from taskdelta.deltas import DeltaRejected
 
@@ -46,9 +54,49 @@ ERROR_DOCS = {400: "The task cannot do this (wrong kind, or `base`)", 401: "Miss
               503: "The task store (Redis) is unavailable", 504: "The request missed its deadline"}
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for the errors a route can answer, all in the one error shape."""
-    return {status: {"model": ErrorBody, "description": ERROR_DOCS[status]} for status in statuses}
+Dialect = Literal["native", "openai", "lorax"]
+# path (exact, or a prefix ending in "/") -> dialect; every other path is native
+DIALECT_PATHS: dict[str, Dialect] = {
+    "/v1/chat/completions": "openai", "/v1/completions": "openai", "/v1/embeddings": "openai",
+    "/v1/models": "openai", "/v1/models/": "openai",
+    "/": "lorax", "/generate": "lorax", "/generate_stream": "lorax",
+}
+OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "invalid_request_error", 409: "invalid_request_error",
+                413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+LORAX_TYPES = {400: "validation", 422: "validation", 429: "overloaded"}
+ERROR_MODELS = {"native": ErrorBody, "openai": OpenAIErrorBody, "lorax": LoraxError}
+
+
+def error_responses(*statuses: int, dialect: Dialect = "native") -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the errors a route can answer, in its dialect's error shape."""
+    model = ERROR_MODELS[dialect]
+    return {status: {"model": model, "description": ERROR_DOCS[status]} for status in statuses}
+
+
+def dialect_of(path: str) -> Dialect:
+    if path in DIALECT_PATHS:
+        return DIALECT_PATHS[path]
+    prefix = path[: path.rfind("/") + 1]
+    return DIALECT_PATHS.get(prefix, "native") if prefix != "/" else "native"
+
+
+def _native(status: int, type_: str, message: str, rid: str | None, param: str | None) -> dict:
+    return {"error": {"type": type_, "message": message, "request_id": rid}}
+
+
+def _openai(status: int, type_: str, message: str, rid: str | None, param: str | None) -> dict:
+    kind = OPENAI_TYPES.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": type_}}
+
+
+def _lorax(status: int, type_: str, message: str, rid: str | None, param: str | None) -> dict:
+    return {"error": message, "error_type": LORAX_TYPES.get(status, type_)}
+
+
+BODIES: dict[Dialect, Callable[[int, str, str, str | None, str | None], dict]] = {
+    "native": _native, "openai": _openai, "lorax": _lorax}
+VALIDATION_STATUS: dict[Dialect, int] = {"native": 422, "openai": 400, "lorax": 422}
 
 
 def request_id(request: Request) -> str | None:
@@ -56,9 +104,17 @@ def request_id(request: Request) -> str | None:
 
 
 def error_response(status: int, type_: str, message: str, rid: str | None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"type": type_, "message": message, "request_id": rid}}
+                   headers: dict[str, str] | None = None, dialect: Dialect = "native",
+                   param: str | None = None) -> JSONResponse:
+    body = BODIES[dialect](status, type_, message, rid, param)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_body(exc: Exception, rid: str | None, dialect: Dialect = "native") -> dict:
+    """The body for an error that happens after a stream started (sent as an event)."""
+    status, type_ = status_of(exc)
+    message = str(exc) if status != 500 else "internal error"
+    return BODIES[dialect](status, type_, message, rid, getattr(exc, "param", None))
 
 
 def status_of(exc: Exception) -> tuple[int, str]:
@@ -68,7 +124,7 @@ def status_of(exc: Exception) -> tuple[int, str]:
     return 500, "internal_error"
 
 
-def to_response(exc: Exception, rid: str | None) -> JSONResponse:
+def to_response(exc: Exception, rid: str | None, dialect: Dialect = "native") -> JSONResponse:
     status, type_ = status_of(exc)
     headers = {}
     if isinstance(exc, errors.Overloaded):
@@ -78,24 +134,40 @@ def to_response(exc: Exception, rid: str | None) -> JSONResponse:
     elif isinstance(exc, errors.PayloadTooLarge):
         headers["Connection"] = "close"  # the rest of the body is never read: drop it with the connection
     message = str(exc) if status != 500 else "internal error; see the server log for this request id"
-    return error_response(status, type_, message, rid, headers)
+    return error_response(status, type_, message, rid, headers, dialect, getattr(exc, "param", None))
+
+
+def _param(loc: tuple) -> str | None:
+    """`body.messages.0.content` -> `messages.0.content`; None for the body as a whole."""
+    parts = [str(x) for x in loc[1:]] if loc and loc[0] in ("body", "query", "path") else []
+    return ".".join(parts) or None
+
+
+def validation_response(exc: RequestValidationError, rid: str | None,
+                        dialect: Dialect) -> JSONResponse:
+    parts, params = [], []
+    for e in exc.errors()[:10]:
+        param = _param(tuple(e.get("loc", ())))
+        params.append(param)
+        msg = ("not supported by this server" if e.get("type") == "extra_forbidden"
+               else e.get("msg"))
+        parts.append(f"{param or 'body'}: {msg}")
+    return error_response(VALIDATION_STATUS[dialect], "invalid_request",
+                          "; ".join(parts) or "invalid request", rid, dialect=dialect,
+                          param=next((p for p in params if p), None))
 
 
 def install(app: FastAPI) -> None:
     async def domain(request: Request, exc: Exception) -> JSONResponse:
-        return to_response(exc, request_id(request))
+        return to_response(exc, request_id(request), dialect_of(request.url.path))
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for e in exc.errors()[:10]:
-            loc = ".".join(str(x) for x in e.get("loc", ()))
-            parts.append(f"{loc}: {e.get('msg')}")
-        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request",
-                              request_id(request))
+        return validation_response(exc, request_id(request), dialect_of(request.url.path))
 
     async def http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, HTTP_TYPES.get(exc.status_code, "error"),
-                              str(exc.detail), request_id(request), getattr(exc, "headers", None))
+                              str(exc.detail), request_id(request), getattr(exc, "headers", None),
+                              dialect_of(request.url.path))
 
     for cls in (errors.ServerError, DeltaRejected):
         app.add_exception_handler(cls, domain)
