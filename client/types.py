@@ -6,7 +6,7 @@ models ignore unknown fields, so an older SDK keeps working against a newer serv
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -52,12 +52,18 @@ class Deleted(_Response):
 
 # --- inference -----------------------------------------------------------------------------------
 
-TextOrPair = str | tuple[str, str]
+# Every text is bounded here (the server may bound it lower: TASKDELTA_MAX_TEXT_CHARS).
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+TextOrPair = Text | tuple[Text, Text]
+MAX_TOP_K = 1024
 
 
 class ClassifyRequest(_Request):
     texts: list[TextOrPair] = Field(min_length=1, max_length=MAX_TEXTS,
                                     description="Texts, or [text, text_pair] pairs for pair tasks")
+    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K,
+                              description="Only the k most likely labels' scores in each result "
+                                          "(default: every label's)")
 
 
 class ClassifyResult(_Response):
@@ -150,7 +156,7 @@ class StreamChunk(_Response):
 
 
 class EmbedRequest(_Request):
-    texts: list[str] = Field(min_length=1, max_length=MAX_TEXTS)
+    texts: list[Text] = Field(min_length=1, max_length=MAX_TEXTS)
     normalize: bool = True
 
 
