@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI
 
 from taskdelta.deltas import Base, load_base
@@ -70,11 +71,13 @@ async def _start(settings: Settings, base: Base | None, store: DeltaStore | None
             log.info("no TASKDELTA_REDIS_URL: embedded Redis under %s", settings.data_dir)
         store = RedisStore(url, chunk_bytes=settings.chunk_bytes)
         stack.push_async_callback(store.close)
+    if settings.torch_threads is not None:  # before any forward: a fixed, comparable compute
+        torch.set_num_threads(settings.torch_threads)
     if base is None:
         log.info("loading base %s", settings.base)
         base = await asyncio.to_thread(load_base, settings.base, settings.device, settings.dtype)
     engine = Engine(base, store, settings, on_swap=metrics.observe_swap,
-                    on_batch=metrics.observe_batch)
+                    on_batch=metrics.observe_batch, on_mixed=metrics.observe_mixed)
     metrics.follow_cache(engine.cache.stats)
     engine.scheduler.start()
     stack.callback(engine.close)  # the exact base back and the mixer's hooks off, last

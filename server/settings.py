@@ -16,6 +16,8 @@ class Settings(BaseSettings):
     base: str = Field("minilm", description="Named default (minilm, smollm2-135m) or model folder")
     device: str | None = Field(None, description="cuda / cpu; default: cuda when available")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads "
+                                      "(unset: torch's default, or OMP_NUM_THREADS)")
 
     # storage
     data_dir: Path = Field(Path("./.taskdelta"), description="Embedded Redis data, keys file")
