@@ -7,8 +7,9 @@ number of swaps and makes a swapped-in task compute exactly what the offline mer
 
 The base's weights live in one flat buffer per dtype (`layout.py`), and `prepare` packs a delta
 per buffer (`Packed`), so one call swaps a whole delta: the compiled kernel on CPU (`_kernel.py`:
-gather, check and write fused in one pass), else torch index ops on global indices (CUDA, or a
-CPU where the kernel cannot be built). Both give the same bits.
+gather, check and write fused in one pass), else its torch twin, index ops on global indices
+(CUDA, or a CPU where the kernel cannot be built). The Swapper picks one at construction; both
+check every index, give the same bits and never write outside a tensor.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ import bisect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property
 from itertools import accumulate
-from types import ModuleType
 from typing import Literal
 
 import torch
@@ -50,8 +49,7 @@ class Packed:
 
     @property
     def nbytes(self) -> int:
-        own = self.idx.nbytes + self.inc.nbytes
-        return own + (self.global_idx.nbytes if "global_idx" in self.__dict__ else 0)
+        return self.idx.nbytes + self.inc.nbytes + _kernel.TWIN.held_bytes(self.idx)
 
     def locate(self, k: int) -> tuple[str, int]:
         """The tensor entry k of the run belongs to, and its position within that tensor."""
@@ -59,22 +57,14 @@ class Packed:
         s = bisect.bisect_right(ends, k)
         return self.names[s], k - (ends[s - 1] if s else 0)
 
-    @cached_property
+    @property
     def global_idx(self) -> torch.Tensor:
-        """[nnz] int64 indices into the buffer, for the torch path; every index checked first
-        (inside its tensor, strictly increasing), since torch only checks the buffer's bounds."""
-        off, numel, end = self.segs.to(self.idx.device)
-        counts = torch.diff(end, prepend=end.new_zeros(1))
-        local = self.idx.long()
-        limit = torch.repeat_interleave(numel, counts, output_size=self.nnz)
-        bad = (local < 0) | (local >= limit)
-        if self.nnz > 1:
-            step_ok = local[1:] > local[:-1]
-            step_ok[(end[:-1] - 1)[(end[:-1] > 0) & (end[:-1] < self.nnz)]] = True  # segment seams
-            bad[1:] |= ~step_ok
-        if bool(bad.any()):
-            raise _bad_index(self, int(torch.nonzero(bad)[0]))
-        return local + torch.repeat_interleave(off, counts, output_size=self.nnz)
+        """[nnz] int64 indices into the buffer, as the torch twin checks and keeps them (inside
+        its tensor, strictly increasing)."""
+        where = _kernel.TWIN.positions(self.segs, self.idx)
+        if isinstance(where, int):
+            raise _bad_index(self, where)
+        return where
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,7 +125,7 @@ def prepare(delta: TaskDelta, base: Base, name: str = "") -> PreparedDelta:
               if n in layout.dtype}
     sparse |= {n: (sp.idx, sp.val) for n, sp in delta.tensors.items() if n not in layout.dtype}
     plan = Plan(layout, pack(layout, sparse, device))
-    if device.type != "cpu":  # the torch path's indices, checked and made here, not in the swap
+    if device.type != "cpu":  # the torch twin's positions, checked and kept here, not in the swap
         for part in plan.parts:
             _ = part.global_idx
     names, idx, inc = [], [], []
@@ -197,28 +187,27 @@ def _bad_index(part: Packed, k: int) -> IndexError:
 class Swapper:
     """Owns the swapped-in state of one base. Not thread-safe: one engine worker drives it.
 
-    backend: "kernel" (the compiled CPU loop; an error if it cannot be built), "torch" (index ops;
-    any device), or "auto": the kernel on CPU where it builds, else torch.
+    backend: "kernel" (the compiled CPU loop; an error if it cannot be built), "torch" (its torch
+    twin, index ops; any device), or "auto": the kernel on CPU where it builds, else the twin.
+    The two have the same entry points (`_kernel.SwapOps`): picked here, once.
     """
 
     def __init__(self, base: Base, backend: Backend = "auto") -> None:
         self.base = base
         self.layout = layout_of(base)
         self._buffers = dict(self.layout.buffers)
-        self._kernel = self._pick_kernel(backend)
-        self.backend = "kernel" if self._kernel is not None else "torch"
+        self._ops = self._pick_ops(backend)
+        self.backend = "torch" if self._ops is _kernel.TWIN else "kernel"
         self._applied: list[tuple[Packed, torch.Tensor]] = []  # (part, kept values) in apply order
         self._spare: dict[torch.dtype, torch.Tensor] = {}  # the kernel's kept values, reused
         self._active: PreparedDelta | None = None
 
-    def _pick_kernel(self, backend: Backend) -> ModuleType | None:
-        if backend == "torch":
-            return None
+    def _pick_ops(self, backend: Backend) -> _kernel.SwapOps:
         on_cpu = all(b.device.type == "cpu" for b in self.layout.buffers.values())
-        module = _kernel.load() if on_cpu else None
-        if backend == "kernel" and module is None:
+        ops = _kernel.pick(want_kernel=backend != "torch" and on_cpu)
+        if backend == "kernel" and ops is _kernel.TWIN:
             raise SwapError("the swap kernel is not available (CPU only; see the log for why)")
-        return module
+        return ops
 
     @property
     def active(self) -> PreparedDelta | None:
@@ -272,28 +261,17 @@ class Swapper:
     def _swap_in(self, part: Packed) -> torch.Tensor:
         """Keep and write one part; returns the kept values. On error nothing of it is written."""
         buf = self._buffers[part.dtype]
-        if self._kernel is not None:
-            kept = self._kept_buffer(part)
-            bad = self._kernel.apply(buf, part.segs, part.idx, part.inc, kept, torch.get_num_threads())
-            if bad >= 0:  # the kernel has undone its writes
-                raise _bad_index(part, bad)
-            return kept
-        where = part.global_idx  # checks every index before anything is written
-        kept = buf.index_select(0, where)  # gather_base
-        try:
-            buf.index_copy_(0, where, kept + part.inc)  # scatter_task
-        except BaseException:
-            buf.index_copy_(0, where, kept)
-            raise
+        kept = self._kept_buffer(part)
+        bad = self._ops.apply(buf, part.segs, part.idx, part.inc, kept, torch.get_num_threads())
+        if bad >= 0:  # nothing is left written
+            raise _bad_index(part, bad)
         return kept
 
     def _write_back(self, done: list[tuple[Packed, torch.Tensor]]) -> None:
         for part, kept in reversed(done):
-            buf = self._buffers[part.dtype]
-            if self._kernel is not None:  # (it skips an index edited out of range since apply)
-                self._kernel.restore(buf, part.segs, part.idx, kept, torch.get_num_threads())
-            else:
-                buf.index_copy_(0, part.global_idx, kept)
+            # (an index edited out of its tensor since apply is skipped)
+            self._ops.restore(self._buffers[part.dtype], part.segs, part.idx, kept,
+                              torch.get_num_threads())
 
     def _kept_buffer(self, part: Packed) -> torch.Tensor:
         spare = self._spare.get(part.dtype)
