@@ -37,7 +37,6 @@ from taskdelta.client.types import ClassifyRequest, ClassifyResponse, ClassifyRe
 from taskdelta.deltas import Swapper, loads, prepare  # noqa: E402
 from taskdelta.server.inference import classify  # noqa: E402
 from taskdelta.server.jobs import ClassifyJob  # noqa: E402
-from taskdelta.server.scheduler import Scheduler  # noqa: E402
 from taskdelta.server.settings import Settings  # noqa: E402
 
 
@@ -88,6 +87,48 @@ class ModelLRU:
                    for p in m.parameters())
 
 
+class TaskBatcher:
+    """The naive route's batching: requests queue per task; one worker runs the task whose oldest
+    request waited longest, up to `max_batch` of its requests, on that task's merged model."""
+
+    def __init__(self, lru: ModelLRU, execute, max_batch: int = 16) -> None:
+        self.lru, self.execute, self.max_batch = lru, execute, max_batch
+        self.queues: OrderedDict[str, list[tuple[Any, asyncio.Future]]] = OrderedDict()
+        self.wake = asyncio.Event()
+        self.batches = self.swaps = 0
+        self._last: str | None = None
+
+    async def submit(self, task: str, job: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self.queues.setdefault(task, []).append((job, future))
+        self.wake.set()
+        return await future
+
+    async def run(self) -> None:
+        while True:
+            while not self.queues:
+                self.wake.clear()
+                await self.wake.wait()
+            task, waiting = next(iter(self.queues.items()))
+            batch, rest = waiting[: self.max_batch], waiting[self.max_batch:]
+            if rest:
+                self.queues[task] = rest
+                self.queues.move_to_end(task)
+            else:
+                del self.queues[task]
+            self.batches += 1
+            self.swaps += task != self._last
+            self._last = task
+            try:
+                model = await self.lru.get(task)
+                rows = await asyncio.to_thread(self.execute, task, model, [j for j, _ in batch])
+                for (_, future), row in zip(batch, rows, strict=True):
+                    future.set_result(row)
+            except Exception as exc:
+                for _, future in batch:
+                    future.set_exception(exc)
+
+
 def create_app(folders: Path, tokenizer_dir: Path, lru_size: int, mode: str = "batched",
                evict: bool = False) -> FastAPI:
     settings = Settings()
@@ -107,12 +148,12 @@ def create_app(folders: Path, tokenizer_dir: Path, lru_size: int, mode: str = "b
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler = Scheduler.from_settings(settings, execute, lru.get)
-        if mode == "batched":
-            scheduler.start()
+        scheduler = TaskBatcher(lru, execute, settings.max_batch)
+        worker = asyncio.create_task(scheduler.run()) if mode == "batched" else None
         app.state.scheduler = scheduler
         yield
-        await scheduler.stop()
+        if worker is not None:
+            worker.cancel()
 
     app = FastAPI(lifespan=lifespan)
 
@@ -126,7 +167,7 @@ def create_app(folders: Path, tokenizer_dir: Path, lru_size: int, mode: str = "b
         if mode == "fifo":
             rows = await run_fifo(task, job)
         else:
-            rows = await app.state.scheduler.submit(task, job, settings.request_timeout_s)
+            rows = await app.state.scheduler.submit(task, job)
         return ClassifyResponse(task=task, results=[ClassifyResult(**r) for r in rows])
 
     @app.get("/readyz")

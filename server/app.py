@@ -77,7 +77,7 @@ async def _start(settings: Settings, base: Base | None, store: DeltaStore | None
         log.info("loading base %s", settings.base)
         base = await asyncio.to_thread(load_base, settings.base, settings.device, settings.dtype)
     engine = Engine(base, store, settings, on_swap=metrics.observe_swap,
-                    on_batch=metrics.observe_batch)
+                    on_batch=metrics.observe_batch, on_mixed=metrics.observe_mixed)
     metrics.follow_cache(engine.cache.stats)
     engine.scheduler.start()
     stack.callback(engine.close)  # the exact base back and the mixer's hooks off, last

@@ -39,7 +39,8 @@ def limits_of(settings: Settings) -> Limits:
 class Engine:
     def __init__(self, base: Base, store: DeltaStore, settings: Settings,
                  on_swap: Callable[[float], None] | None = None,
-                 on_batch: OnBatch | None = None) -> None:
+                 on_batch: OnBatch | None = None,
+                 on_mixed: Callable[[int, int], None] | None = None) -> None:
         self.base = base
         self.cache = DeltaCache(settings.cache_bytes)
         self.registry = TaskRegistry(base, store, self.cache, settings.version_check_s)
@@ -53,7 +54,7 @@ class Engine:
         self.scheduler = Scheduler(self.registry, self.executor, limits_of(settings),
                                    measure=self.measure, new_sequence=self.new_sequence,
                                    kv_per_token=per_token, mixed=mixer is not None,
-                                   on_batch=on_batch)
+                                   on_batch=on_batch, on_mixed=on_mixed)
 
     def measure(self, job: Job) -> list[int]:
         return measure(self.base.tokenizer, job, self._limit)

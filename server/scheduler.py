@@ -62,7 +62,8 @@ class Scheduler:
                  measure: Callable[[Job], list[int]],
                  new_sequence: Callable[[GenerateJob], Sequence],
                  kv_per_token: int = 0, mixed: bool = False,
-                 on_batch: OnBatch | None = None) -> None:
+                 on_batch: OnBatch | None = None,
+                 on_mixed: Callable[[int, int], None] | None = None) -> None:
         self.registry = registry
         self.executor = executor
         self.limits = limits
@@ -71,6 +72,7 @@ class Scheduler:
         self._kv_per_token = kv_per_token
         self._mixed = mixed and executor.mixer is not None
         self._on_batch = on_batch
+        self._on_mixed = on_mixed  # (tasks, requests) of each mixed micro-batch
         self.queues = Queues(limits.max_queue, limits.max_queued_total, limits.retry_after_s)
         self.turns = TurnPolicy(limits.max_consecutive_batches, limits.max_hold_ms)
         self._prefilling: list[Prefill] = []
@@ -361,15 +363,16 @@ class Scheduler:
                 self.queues.leave(req)
         self._report_batch(plan, encoded, run_s)
 
-    def _report_batch(self, plan: StepPlan, encoded, run_s: float) -> None:
-        if self._on_batch is None:
-            return
+    def _report_batch(self, plan: StepPlan, encoded: Taken, run_s: float) -> None:
         now = asyncio.get_running_loop().time()
+        waits = [now - run_s - r.enqueued_at for r, _ in encoded]
         try:
-            self._on_batch(plan.encode[0].key, len(encoded), [now - run_s - r.enqueued_at
-                                                              for r, _ in encoded], run_s)
+            if self._on_batch is not None:
+                self._on_batch(plan.encode[0].key, len(encoded), waits, run_s)
+            if self._on_mixed is not None and len(plan.encode) > 1:
+                self._on_mixed(len(plan.encode), len(encoded))
         except Exception:
-            log.exception("on_batch hook failed")
+            log.exception("a batch hook failed")
 
     def _end_sequence(self, seq: Sequence, error: BaseException | None = None) -> None:
         req = self._live.pop(seq, None)

@@ -22,8 +22,9 @@ from taskdelta.deltas import (
 )
 from taskdelta.deltas.validate import stamp
 from taskdelta.server.cache import DeltaCache
-from taskdelta.server.engine import Engine
+from taskdelta.server.executor import EncodePart, Executor
 from taskdelta.server.jobs import EmbedJob
+from taskdelta.server.registry import TaskRef, TaskRegistry
 from taskdelta.server.store import StoredTask
 
 
@@ -40,9 +41,9 @@ class OneBlobStore:
 
 
 def load(base, blob: bytes, info: dict[str, str]):
-    engine = Engine(base, store=OneBlobStore(blob, info), cache=DeltaCache(1 << 26))
-    prepared, _ = asyncio.run(engine.load_prepared("t", "task"))
-    return engine, prepared
+    registry = TaskRegistry(base, store=OneBlobStore(blob, info), cache=DeltaCache(1 << 26))
+    loaded = asyncio.run(registry.load(TaskRef("t", "task", info.get("kind", "embed"), 1)))
+    return registry, loaded.prepared
 
 
 def edited(delta: TaskDelta, **change) -> TaskDelta:
@@ -60,8 +61,8 @@ def with_nan(v: torch.Tensor) -> torch.Tensor:
 
 
 def test_an_upload_records_what_it_was_validated_against(tiny_bert):
-    engine = Engine(tiny_bert, store=None, cache=DeltaCache(0))
-    checked = asyncio.run(engine.check_upload(dumps(random_delta(tiny_bert, 0.01, seed=1)), 1 << 24))
+    registry = TaskRegistry(tiny_bert, store=None, cache=DeltaCache(0))
+    checked = asyncio.run(registry.check_upload(dumps(random_delta(tiny_bert, 0.01, seed=1)), 1 << 24))
     assert checked.info["validated_for"] == stamp(tiny_bert)
     assert tiny_bert.fingerprint in stamp(tiny_bert)
 
@@ -102,11 +103,12 @@ def test_stamped_bytes_with_a_bad_index_are_refused_by_the_swap_leaving_the_base
         i[-1] = tiny_bert.params[name].numel()
         return i
 
-    engine, prepared = load(tiny_bert, dumps(edited(delta, idx=past_the_end)),
-                            {"validated_for": stamp(tiny_bert)})
+    _, prepared = load(tiny_bert, dumps(edited(delta, idx=past_the_end)),
+                       {"validated_for": stamp(tiny_bert)})
+    executor = Executor(tiny_bert)
     with pytest.raises(IndexError, match="out of range"):
-        engine.execute("t/task", prepared, [EmbedJob(texts=("a sentence",))])
-    assert engine.swapper.active is None
+        executor.encode([EncodePart("t/task", prepared, (), [EmbedJob(texts=("a sentence",))])])
+    assert executor.swapper.active is None
     for n, p in tiny_bert.params.items():
         assert torch.equal(p.view(torch.int32), saved[n].view(torch.int32)), n
 

@@ -7,36 +7,30 @@ and with the mode off nothing changes."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
+from support import MemoryStore, bits
 
-from taskdelta.deltas import Base, _mixed_kernel, load_base, merge_into, prepare, random_delta
+from taskdelta.deltas import Base, _mixed_kernel, dumps, load_base, merge_into, prepare, random_delta
 from taskdelta.deltas.mixed import Mixer
 from taskdelta.server.app import create_app
 from taskdelta.server.cache import CacheEntry, DeltaCache
 from taskdelta.server.engine import Engine
+from taskdelta.server.executor import EncodePart, Executor
 from taskdelta.server.inference import classify, embed
-from taskdelta.server.jobs import ClassifyJob, EmbedJob, GenerateJob
-from taskdelta.server.scheduler import Mixing, Scheduler
-from taskdelta.server.settings import Settings
+from taskdelta.server.jobs import ClassifyJob, EmbedJob
+from taskdelta.server.registry import Loaded, TaskRef, TaskRegistry
+from taskdelta.server.settings import Settings, get_settings
 
 PROB_ATOL = 1e-5  # probabilities and embeddings: mixed vs the merged model
 SENTENCES = ["a gripping , funny film", "dull", "it is neither here nor there , and it knows it",
              "the cast is wonderful", "an utter mess from start to finish"]
 PAIR = ("a man is playing a guitar", "someone plays music")
 LABELS = ["neg", "pos", "meh"]
-_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view(_INT_VIEW[t.element_size()])
-
-
 def deltas(base: Base, kinds: list[str], density: float = 0.05) -> list:
     """Random deltas touching every tensor: Linear weights and biases, embeddings, LayerNorms."""
     return [random_delta(base, density, seed=100 + i, kind=kind, labels=LABELS if kind == "classify"
@@ -70,10 +64,18 @@ def max_diff(got: Any, want: Any) -> float:
 
 @pytest.fixture
 def engine(tiny_bert):
-    eng = Engine(tiny_bert, store=None, cache=DeltaCache(1 << 30), mixed=True)  # type: ignore[arg-type]
+    """The executor with a mixer: `encode` runs one part swapped in, several parts mixed."""
+    eng = Executor(tiny_bert, Mixer(tiny_bert))
     yield eng
     eng.restore_base()
     eng.mixer.close()
+
+
+def run_parts(executor: Executor, parts: list[tuple[str, Any, list]]) -> list:
+    """(key, prepared, jobs) parts through one micro-batch; the answers flat, in order."""
+    got = executor.encode([EncodePart(k, p, tuple(LABELS) if p is not None else (), jobs)
+                           for k, p, jobs in parts])
+    return [r for part in got for r in part]
 
 
 @pytest.fixture(params=["kernel", "torch"])
@@ -100,11 +102,11 @@ def test_mixed_batch_matches_each_tasks_merged_model_and_leaves_the_base_exact(
     before = {n: bits(p).clone() for n, p in tiny_bert.params.items()}
     for p in prepared:
         assert engine.mixer.why_not(p) is None
-    engine.execute("acme/t1", prepared[1], jobs[1])  # a task swapped in: mixing restores first
+    run_parts(engine, [("acme/t1", prepared[1], jobs[1])])  # a task swapped in: mixing restores first
     base_embed = [EmbedJob(texts=("plain base",))]
     parts = [(f"acme/t{i}", p, j) for i, (p, j) in enumerate(zip(prepared, jobs, strict=True))]
     parts.insert(2, ("acme/base", None, base_embed))
-    got = engine.execute_mixed(parts)
+    got = run_parts(engine, parts)
     assert engine.swapper.active is None
     assert all(torch.equal(bits(p), before[n]) for n, p in tiny_bert.params.items()), \
         "the base changed"
@@ -167,20 +169,14 @@ def test_single_task_batches_stay_bit_exact_with_the_mode_on(tiny_bert, engine):
     d = deltas(tiny_bert, ["classify"])[0]
     p = prepare(d, tiny_bert, name="t")
     jobs = [ClassifyJob(texts=tuple(SENTENCES))]
-    with_hooks = engine.execute("acme/t", p, jobs)
+    with_hooks = run_parts(engine, [("acme/t", p, jobs)])
     engine.restore_base()
     engine.mixer.close()
-    without = engine.execute("acme/t", p, jobs)
+    without = run_parts(engine, [("acme/t", p, jobs)])
     assert with_hooks == without
 
 
-def test_tasks_that_cannot_be_mixed_say_why(tiny_bert, tiny_bert_dir, tiny_llama, engine):
-    mixer = Mixer(tiny_llama)  # RMSNorm, rotary attention, a last-token head: not supported
-    try:
-        p = prepare(random_delta(tiny_llama, 0.01, kind="embed"), tiny_llama)
-        assert "not support" in mixer.why_not(p)
-    finally:
-        mixer.close()
+def test_tasks_that_cannot_be_mixed_say_why(tiny_bert, tiny_bert_dir, engine):
     bf16 = load_base(tiny_bert_dir, device="cpu", dtype="bfloat16")
     mixer = Mixer(bf16)
     try:
@@ -196,99 +192,65 @@ def test_tasks_that_cannot_be_mixed_say_why(tiny_bert, tiny_bert_dir, tiny_llama
         assert mixer.why_not(prepare(deltas(tiny_bert, ["classify"])[0], tiny_bert)) is not None
     finally:
         mixer._targets = mixer._find_targets()
-    assert not engine.mixable(p, GenerateJob(prompt="x", params=None))  # type: ignore[arg-type]
-    assert not engine.mixable(None, EmbedJob(texts=("x",)))  # the base: not mixed
 
 
-def test_peek_sees_only_cached_recently_confirmed_deltas_and_counts_their_bytes(tiny_bert, engine):
+def test_peek_sees_only_the_pinned_fresh_version_and_the_mixed_form_is_counted(tiny_bert, engine):
     p = prepare(deltas(tiny_bert, ["classify"])[0], tiny_bert, name="t")
-    assert engine.peek("acme/t") is None
-    engine.cache.put(("acme", "t"), CacheEntry(version=1, value=p, nbytes=p.nbytes))
-    assert engine.peek("acme/t") is p
-    assert engine.peek("acme/base") is None
-    engine.cache._entries[("acme", "t")].checked_at -= engine.version_check_s + 1
-    assert engine.peek("acme/t") is None  # due for a version check: the normal path does it
-    engine.execute_mixed([("acme/t", p, [ClassifyJob(texts=("x",))])])
-    assert engine.cache.nbytes == p.nbytes + engine.mixer.cached(p).nbytes > p.nbytes
+    cache = DeltaCache(1 << 30)
+    registry = TaskRegistry(tiny_bert, store=None, cache=cache)  # type: ignore[arg-type]
+    engine._grow_cache = registry.grow
+    ref = TaskRef("acme", "t", "classify", 1)
+    assert registry.peek(ref) is None
+    cache.put(("acme", "t"), CacheEntry(version=1, value=Loaded(1, p), nbytes=p.nbytes))
+    assert registry.peek(ref).prepared is p
+    assert registry.peek(TaskRef("acme", "t", "classify", 2)) is None  # another version
+    cache._entries[("acme", "t")].checked_at -= registry.version_check_s + 1
+    assert registry.peek(ref) is None  # due for a version check: the normal path does it
+    run_parts(engine, [("acme/t", p, [ClassifyJob(texts=("x",))]),
+                       ("acme/base", None, [EmbedJob(texts=("y",))])])
+    assert cache.nbytes == p.nbytes + engine.mixer.cached(p).nbytes > p.nbytes
 
 
 # --- the scheduler ---------------------------------------------------------------------------
 
 
-class FakeMixModel:
-    """execute / execute_mixed doubles: which tasks ran together; a gate holds the first batch."""
+async def scheduled_parts(base: Base, mixed: bool) -> tuple[list[int], list]:
+    """Four tasks' classify requests queued while the worker is held: how many tasks each
+    micro-batch served, and the answers."""
+    store = MemoryStore(base)
+    made = deltas(base, ["classify"] * 4)
+    for i, d in enumerate(made):
+        store.put("acme", f"t{i}", dumps(d), "classify")
+    engine = Engine(base, store, get_settings(mixed_batches=mixed, max_batch=16))
+    sched, parts_per_batch, gate = engine.scheduler, [], asyncio.Event()
+    step = engine.executor.step
 
-    def __init__(self, loaded: set[str], refuse: set[str] = frozenset()) -> None:
-        self.loaded, self.refuse = loaded, refuse
-        self.batches: list[list[tuple[str, list]]] = []
-        self.gate = threading.Event()
+    def logged(plan):
+        parts_per_batch.append(len(plan.encode))
+        return step(plan)
 
-    def execute(self, task: str, handle: Any, payloads: list) -> list:
-        if payloads == ["hold"]:
-            assert self.gate.wait(10)
-        self.batches.append([(task, list(payloads))])
-        return [f"{task}:{p}" for p in payloads]
-
-    def execute_mixed(self, parts: list) -> list:
-        self.batches.append([(t, list(ps)) for t, _, ps in parts])
-        return [f"{t}:{p}" for t, _, ps in parts for p in ps]
-
-    async def load(self, task: str) -> str:
-        return f"h:{task}"
-
-    def mixing(self) -> Mixing:
-        return Mixing(peek=lambda t: f"h:{t}" if t in self.loaded else None,
-                      accepts=lambda h, p: h is not None and h[2:] not in self.refuse
-                      and p != "gen", execute=self.execute_mixed)
-
-
-async def run_scheduled(model: FakeMixModel, requests: list[tuple[str, str]], mixing: bool,
-                        max_batch: int = 8) -> tuple[list, Scheduler]:
-    s = Scheduler(model.execute, model.load, max_batch=max_batch, max_wait_ms=0, max_queue=64,
-                  max_queued_total=256, max_consecutive_batches=8, max_hold_ms=1000,
-                  retry_after_s=1, mixing=model.mixing() if mixing else None)
-    s.start()
-    hold = asyncio.create_task(s.submit("first", "hold"))
-    while not s._executing:
-        await asyncio.sleep(0.001)
-    pending = []
-    for task, payload in requests:  # queued while the first batch holds the worker
-        pending.append(asyncio.create_task(s.submit(task, payload)))
-        await asyncio.sleep(0)
-    model.gate.set()
-    answers = await asyncio.gather(hold, *pending)
-    await s.stop()
-    return answers, s
+    engine.executor.step = logged  # type: ignore[method-assign]
+    try:
+        refs = [await engine.registry.resolve("acme", f"t{i}", "classify") for i in range(4)]
+        for ref in refs:  # loaded (and cached) before the burst: all of them can mix
+            await engine.registry.load(ref)
+        sched.start()
+        answers = await asyncio.gather(*(sched.submit(refs[n % 4], ClassifyJob(texts=(SENTENCES[n % 5],)))
+                                         for n in range(12)))
+        gate.set()
+    finally:
+        await sched.stop()
+        engine.close()
+    return parts_per_batch, answers
 
 
-def test_scheduler_fills_a_batch_across_tasks_only_with_loaded_mixable_requests():
-    model = FakeMixModel(loaded={"a", "b", "c", "d"}, refuse={"c"})
-    reqs = [("a", "1"), ("b", "2"), ("cold", "3"), ("b", "4"), ("c", "5"), ("d", "gen"),
-            ("b", "6")]
-    answers, s = asyncio.run(run_scheduled(model, reqs, mixing=True))
-    assert answers == ["first:hold"] + [f"{t}:{p}" for t, p in reqs]
-    mixed = model.batches[1]
-    assert mixed == [("a", ["1"]), ("b", ["2", "4", "6"])]  # cold, refused c, d's generate: not
-    alone = sorted(b[0][0] for b in model.batches[2:])
-    assert alone == ["c", "cold", "d"] and all(len(b) == 1 for b in model.batches[2:])
-    assert s.mixed_batches == 1
-
-
-def test_scheduler_mixes_oldest_first_up_to_max_batch():
-    model = FakeMixModel(loaded={f"t{i}" for i in range(6)})
-    reqs = [(f"t{i % 6}", str(i)) for i in range(12)]
-    asyncio.run(run_scheduled(model, reqs, mixing=True, max_batch=5))
-    first = model.batches[1]  # the picked task's whole queue, then the oldest of the others
-    assert first == [("t0", ["0", "6"]), ("t1", ["1"]), ("t2", ["2"]), ("t3", ["3"])]
-    assert sum(len(ps) for b in model.batches[1:] for _, ps in b) == 12
-
-
-def test_with_the_mode_off_batches_stay_one_task_each():
-    model = FakeMixModel(loaded={"a", "b"})
-    reqs = [("a", "1"), ("b", "2"), ("a", "3")]
-    answers, s = asyncio.run(run_scheduled(model, reqs, mixing=False))
-    assert answers[1:] == ["a:1", "b:2", "a:3"]
-    assert all(len(b) == 1 for b in model.batches) and s.mixed_batches == 0
+def test_scheduler_mixes_loaded_tasks_into_one_micro_batch_only_when_on(tiny_bert):
+    on, answers_on = asyncio.run(scheduled_parts(tiny_bert, mixed=True))
+    off, answers_off = asyncio.run(scheduled_parts(tiny_bert, mixed=False))
+    assert max(on) > 1, "no micro-batch served several tasks"
+    assert max(off) == 1 and len(off) >= 4
+    for a, b in zip(answers_on, answers_off, strict=True):
+        assert max_diff(a.rows, b.rows) <= PROB_ATOL
     assert Settings().mixed_batches is False
 
 
@@ -297,11 +259,8 @@ def test_with_the_mode_off_batches_stay_one_task_each():
 
 def test_live_server_with_mixed_batches_serves_each_task_its_own_answers(
         tiny_bert, tiny_bert_dir, redis_proc, tmp_path, live_server, monkeypatch):
-    from taskdelta.deltas import dumps
-
     monkeypatch.setenv("TASKDELTA_MIXED_BATCHES", "1")
-    s = Settings(redis_url=redis_proc.url, data_dir=tmp_path / "data", auth=False,
-                 max_wait_ms=0.0)
+    s = Settings(redis_url=redis_proc.url, data_dir=tmp_path / "data", auth=False)
     assert s.mixed_batches
     made = deltas(tiny_bert, ["classify"] * 4)
     want = {f"t{i}": merged_outputs(tiny_bert_dir, d, [ClassifyJob(texts=(t,)) for t in SENTENCES])

@@ -8,56 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import itertools
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from support import MemoryStore
 
 from taskdelta.client.types import SamplingParams
 from taskdelta.deltas import dumps, load_base, random_delta
-from taskdelta.deltas.validate import stamp
 from taskdelta.server.engine import Engine
-from taskdelta.server.errors import BadTaskRequest, DeadlineExceeded, Overloaded, VersionConflict
+from taskdelta.server.errors import BadTaskRequest, DeadlineExceeded, Overloaded
 from taskdelta.server.inference import generate
 from taskdelta.server.jobs import EmbedJob, GenerateJob
 from taskdelta.server.settings import get_settings
-from taskdelta.server.store import StoredTask
 
 PROMPTS = ["this is a test.", "hello world", "the capital of france is", "one two three four five",
            "a", "once upon a time there was a story about a very long journey"]
-
-
-class MemoryStore:
-    """The parts of `DeltaStore` the engine reads, in memory; `put` replaces a task."""
-
-    def __init__(self, base) -> None:
-        self.base = base
-        self.tasks: dict[tuple[str, str], tuple[StoredTask, bytes]] = {}
-
-    def put(self, tenant: str, name: str, blob: bytes, kind: str) -> StoredTask:
-        old = self.tasks.get((tenant, name))
-        version = old[0].version + 1 if old else 1
-        info = {"kind": kind, "labels": "[]", "sha256": hashlib.sha256(blob).hexdigest(),
-                "validated_for": stamp(self.base)}
-        task = StoredTask(tenant, name, version, info)
-        self.tasks[(tenant, name)] = (task, blob)
-        return task
-
-    async def get(self, tenant: str, name: str) -> StoredTask:
-        return self.tasks[(tenant, name)][0]
-
-    async def get_blob(self, tenant: str, name: str, version: int | None = None):
-        task, blob = self.tasks[(tenant, name)]
-        if version is not None and version != task.version:
-            raise VersionConflict(f"at {task.version}, not {version}")
-        return task, blob
-
-    async def current_version(self, tenant: str, name: str) -> int | None:
-        got = self.tasks.get((tenant, name))
-        return got[0].version if got else None
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,7 @@ def test_fifty_tasks_interleaved_no_contamination(tiny_bert, redis_proc, tmp_pat
                 return await asyncio.gather(*(one(n) for n in order))
 
         answers = asyncio.run(hammer())
-        swaps = srv.state.engine.swapper
+        swaps = srv.state.engine.executor.swapper
         for name, got in answers:
             want = expected[name]
             assert got["label"] == want["label"]

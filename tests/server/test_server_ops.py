@@ -7,9 +7,10 @@ import logging
 import time
 
 import httpx
+from support import classify_delta
 
 from taskdelta.client import hash_api_key
-from taskdelta.deltas import dumps, random_delta
+from taskdelta.deltas import dumps
 from taskdelta.server.app import create_app
 from taskdelta.server.settings import Settings
 
@@ -20,10 +21,6 @@ def make_settings(redis_url: str, tmp_path, **over) -> Settings:
     base = dict(redis_url=redis_url, data_dir=tmp_path / "data", max_wait_ms=1.0,
                 api_keys="acme:key-acme", version_check_s=0.2)
     return Settings(**(base | over))
-
-
-def classify_delta(base, seed: int, labels=("x", "y")):
-    return random_delta(base, 0.01, seed=seed, kind="classify", labels=list(labels), scale=0.3)
 
 
 def test_metrics_expose_routes_swaps_cache_and_uploads(tiny_bert, redis_proc, tmp_path, live_server):
@@ -147,7 +144,7 @@ def test_replica_serves_new_version_within_bound(tiny_bert, redis_proc, tmp_path
         ca.put("/v1/tasks/t", content=dumps(v2))
         for stale_ok in (False, True):
             if stale_ok:  # now lose every change message on B
-                b.state.engine.invalidate = lambda *_: None
+                b.state.registry.invalidate = lambda *_: None
                 ca.put("/v1/tasks/t", content=dumps(v1))
             want = {"old-a", "old-b"} if stale_ok else {"new-a", "new-b"}
             deadline = time.monotonic() + 10
