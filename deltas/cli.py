@@ -1,4 +1,5 @@
-"""`taskdelta delta ...`: make and look at delta files (extract, train, inspect, random)."""
+"""`taskdelta delta ...`: make and look at delta files (extract, train, inspect, random,
+import-peft, export)."""
 
 from __future__ import annotations
 
@@ -216,6 +217,68 @@ def random(
     except (BaseModelError, DeltaRejected, ValueError, OSError) as exc:
         _fail(exc)
     out.print(f"wrote {output}: {delta.nnz} nonzeros, {output.stat().st_size} bytes")
+
+
+@app.command("import-peft")
+def import_peft(
+    adapter: Annotated[Path, typer.Argument(help="A PEFT adapter folder (adapter_config.json, "
+                                            "adapter_model.safetensors)")],
+    base: BaseOpt,
+    output: OutOpt,
+    density: Annotated[float | None, typer.Option(
+        help="LoRA and other dense adapters: fraction of base entries to keep, largest first "
+             "[default: every nonzero of the merged update]; SHiRA is imported exactly")] = None,
+    kind: Annotated[str | None, typer.Option(help="classify | generate | embed (default: the "
+                                             "adapter's task_type, else the base's)")] = None,
+    labels: Annotated[str | None, typer.Option(help="classify: label names, comma-separated "
+                                               "(default: LABEL_0, LABEL_1, ...)")] = None,
+    encoding: EncodingOpt = "compact",
+) -> None:
+    """A PEFT adapter (SHiRA, LoRA, ...) as a task delta: SHiRA maps directly, others are merged
+    and kept at --density; modules_to_save the base lacks become the dense head."""
+    from .base import load_base
+    from .format import save
+    from .peft_io import import_peft as run_import
+    from .validate import validate
+
+    _check_kind(kind)
+    _quiet_transformers()
+    try:
+        b = load_base(base, device="cpu")
+        names = [x.strip() for x in labels.split(",")] if labels else None
+        imported = run_import(b, adapter, density=density, kind=kind, labels=names)
+        validate(imported.delta, b)  # never write a delta the server would refuse
+        save(imported.delta, output, encoding)
+    except (BaseModelError, DeltaRejected, ValueError, OSError) as exc:
+        _fail(exc)
+    d = imported.delta
+    out.print(f"wrote {output}: {d.meta.provenance.model_dump().get('peft_type')} adapter, "
+              f"{d.nnz} nonzeros (density {d.meta.provenance.density:.4%}), {len(d.heads)} head "
+              f"tensors; the kept entries hold {imported.kept_energy:.2%} of the adapter's update "
+              "(squared norm)")
+
+
+@app.command()
+def export(
+    delta_file: Annotated[Path, typer.Argument(help="A delta file")],
+    base: BaseOpt,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write")],
+) -> None:
+    """The base with the delta merged in, as a Hugging Face folder `from_pretrained` loads."""
+    from .base import load_base
+    from .format import load
+    from .peft_io import export_merged
+    from .validate import validate
+
+    _quiet_transformers()
+    try:
+        delta = load(delta_file)
+        b = load_base(base, device="cpu")
+        validate(delta, b)
+        export_merged(b, delta, output)
+    except (BaseModelError, DeltaRejected, ValueError, OSError) as exc:
+        _fail(exc)
+    out.print(f"wrote {output}: {b.name} with {delta_file.name} merged in ({delta.meta.kind})")
 
 
 @app.command()
