@@ -19,10 +19,11 @@ RULES = 1
 def validate(delta: TaskDelta, base: Base, *, contents: bool = True) -> None:
     """Raise `DeltaRejected` on the first problem found; return None if the delta is sound.
 
-    contents=False checks the form only (metadata, names, dtypes, shapes, lengths, heads) and
-    skips what costs time in proportion to the delta: each index's range and order and each
-    increment's finiteness. Only for bytes that passed the full check against this base before,
-    identified by their hash (the server's load of a stored delta; docs/delta-format.md)."""
+    contents=False skips the scan of the increments for NaN, infinity and overflow in the base
+    dtype: only for bytes that passed the full check against this base before, identified by
+    their hash and a `stamp` (the server's load of a stored delta; docs/delta-format.md). Every
+    other check still runs, the indices' range and order included: they are vectorised, O(nnz),
+    and what stands between a record that lies and the kernels (which check again as they go)."""
     check_meta(delta, base)
     for name, sparse in delta.tensors.items():
         check_sparse(name, sparse, base, contents=contents)
@@ -30,8 +31,12 @@ def validate(delta: TaskDelta, base: Base, *, contents: bool = True) -> None:
 
 
 def stamp(base: Base) -> str:
-    """What a full `validate` against `base`, under these rules, is recorded as."""
-    return f"rules-{RULES}:{base.fingerprint}"
+    """What a full `validate` against `base`, under these rules, is recorded as: everything the
+    check depended on. The weights (fingerprint: names, shapes, values) and the dtypes they are
+    served in, since finiteness is checked in the base dtype (a float32 stamp must not vouch for
+    increments that overflow float16)."""
+    dtypes = "+".join(sorted({str(p.dtype).removeprefix("torch.") for p in base.params.values()}))
+    return f"rules-{RULES}:{base.fingerprint}:{dtypes}"
 
 
 def check_meta(delta: TaskDelta, base: Base) -> None:
@@ -70,8 +75,16 @@ def check_sparse(name: str, sparse: SparseTensor, base: Base, *, contents: bool 
                             f"{tuple(val.shape)}", name)
     if idx.numel() != val.numel():
         raise DeltaRejected(f"idx has {idx.numel()} entries but val has {val.numel()}", name)
-    if idx.numel() == 0 or not contents:
+    if idx.numel() == 0:
         return
+    check_indices(name, idx, target)
+    if contents:
+        _check_finite(name, val, target.dtype)
+
+
+def check_indices(name: str, idx: torch.Tensor, target: torch.Tensor) -> None:
+    """Every index inside the tensor and strictly increasing (vectorised: O(nnz), run on every
+    load, stamped or not)."""
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0:
         raise DeltaRejected(f"negative index {lo}", name)
@@ -84,7 +97,6 @@ def check_sparse(name: str, sparse: SparseTensor, base: Base, *, contents: bool 
         what = "repeated" if int(steps[at - 1]) == 0 else "unsorted"
         raise DeltaRejected(f"{what} index {int(idx[at])} at position {at} (indices must be "
                             "strictly increasing)", name)
-    _check_finite(name, val, target.dtype)
 
 
 def check_heads(delta: TaskDelta, base: Base) -> None:

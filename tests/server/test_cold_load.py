@@ -17,6 +17,7 @@ from taskdelta.deltas import (
     TaskDelta,
     dumps,
     loads,
+    prepare,
     random_delta,
     validate,
 )
@@ -93,8 +94,10 @@ def test_stamped_bytes_skip_the_content_checks_but_not_the_form_checks(tiny_bert
         load(tiny_bert, dumps(short), stamped)
 
 
-def test_stamped_bytes_with_a_bad_index_are_refused_by_the_swap_leaving_the_base_intact(tiny_bert):
-    """What the skipped checks would have caught in the indices, the swap catches as it writes."""
+def test_stamped_bytes_with_a_bad_index_are_refused_on_load_and_by_the_swap_leaving_the_base_intact(
+        tiny_bert):
+    """The index checks run on every load, stamped or not; and past them (a delta prepared
+    without validate), the swap catches the bad index as it writes."""
     saved = {n: p.detach().clone() for n, p in tiny_bert.params.items()}
     delta = random_delta(tiny_bert, 0.01, seed=4, kind="embed")
     name = next(iter(delta.tensors))
@@ -103,8 +106,10 @@ def test_stamped_bytes_with_a_bad_index_are_refused_by_the_swap_leaving_the_base
         i[-1] = tiny_bert.params[name].numel()
         return i
 
-    _, prepared = load(tiny_bert, dumps(edited(delta, idx=past_the_end)),
-                       {"validated_for": stamp(tiny_bert)})
+    blob = dumps(edited(delta, idx=past_the_end))
+    with pytest.raises(DeltaRejected, match="out of range"):
+        load(tiny_bert, blob, {"validated_for": stamp(tiny_bert)})
+    prepared = prepare(loads(blob), tiny_bert, name="t/task")
     executor = Executor(tiny_bert)
     with pytest.raises(IndexError, match="out of range"):
         executor.encode([EncodePart("t/task", prepared, (), [EmbedJob(texts=("a sentence",))])])
