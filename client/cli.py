@@ -52,7 +52,9 @@ def _lazy_placeholder(name: str, help_text: str) -> None:
         raise typer.Exit(2)
 
 
-_lazy_placeholder("delta", "Make and inspect delta files (extract, inspect, random).")
+# the delta commands, named here so that `taskdelta --help` lists them without importing torch
+DELTA_COMMANDS = ("extract", "train", "inspect", "random", "import-peft", "export")
+_lazy_placeholder("delta", f"Make and inspect delta files ({', '.join(DELTA_COMMANDS)}).")
 _lazy_placeholder("serve", "Run the taskdelta HTTP server.")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON answer")]

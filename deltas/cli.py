@@ -76,6 +76,22 @@ def _check_kind(kind: str | None) -> None:
         _fail(ValueError(f"--kind must be one of {', '.join(TASK_KINDS)}, not {kind!r}"))
 
 
+def _check_model_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        _fail(ValueError(f"{folder}: no such folder"))
+    if not (folder / "config.json").is_file():
+        _fail(ValueError(f"{folder} is not a Hugging Face model folder (no config.json)"))
+
+
+def _check_finetune_of(b: Base, finetuned: object, folder: Path) -> None:
+    from .extract import split_params
+
+    sparse, _ = split_params(b, finetuned)
+    if not sparse:
+        _fail(ValueError(f"{folder} is not a fine-tune of base {b.name!r}: none of its tensors "
+                         "has a base tensor's name and shape"))
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging
 
@@ -123,10 +139,12 @@ def extract(
     _check_kind(kind)
     if refit and data is None:
         _fail(ValueError("--refit needs --data: the task's training file"))
+    _check_model_folder(finetuned)
     _quiet_transformers()
     try:
         b = load_base(base, device="cpu")
         ft = load_finetuned(finetuned)
+        _check_finetune_of(b, ft, finetuned)
         n = sum(1 for _ in ft.named_parameters())
         with _bar() as bar:
             task = bar.add_task("diffing tensors", total=n)
@@ -343,6 +361,7 @@ def train(
                                  progress=_stepper(bar), heads=heads)
             console.print(f"mask {mask}: {mask_nnz(chosen)} entries in "
                           f"{sum(1 for i in chosen.values() if i.numel())} tensors")
+            _warn_short_mask(mask_nnz(chosen), density, b)
             trained = train_sparse(b, kind, task.labels, task.train, chosen, cfg, progress=_stepper(bar),
                                    heads=heads)
             metrics = evaluate(trained.model, task.val, cfg.batch_size, _stepper(bar)) if task.val else {}
@@ -353,6 +372,16 @@ def train(
     except (BaseModelError, DeltaRejected, ValueError, OSError) as exc:
         _fail(exc)
     out.print(f"wrote {output}\n" + describe(delta, output.stat().st_size, trained, metrics, len(task.val)))
+
+
+def _warn_short_mask(chosen: int, density: float, b: Base) -> None:
+    """Scores of zero (untouched embedding rows, excluded tensors) cannot be chosen: say so when
+    the mask came out smaller than --density asked for."""
+    wanted = round(density * b.numel)
+    if chosen < wanted:
+        console.print(f"[yellow]warning:[/yellow] only {chosen} entries could be chosen, fewer "
+                      f"than the {wanted} that --density {density} asks for ({chosen / b.numel:.4%} "
+                      "of the base); the rest scored zero", soft_wrap=True)
 
 
 def _refit(b: Base, delta: TaskDelta, data: Path, cfg: TrainConfig, *, text_col: str,

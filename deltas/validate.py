@@ -44,7 +44,9 @@ def check_meta(delta: TaskDelta, base: Base) -> None:
     if meta.format_version != FORMAT_VERSION:
         raise DeltaRejected(f"format version {meta.format_version} is not supported", "__metadata__")
     if meta.base_fingerprint != base.fingerprint:
-        raise DeltaRejected(f"made for base {meta.base_fingerprint}, but the loaded base "
+        made_for = (f"{meta.base_name!r} ({meta.base_fingerprint})" if meta.base_name
+                    else meta.base_fingerprint)  # the name a user recognises, where the file has it
+        raise DeltaRejected(f"made for base {made_for}, but the loaded base "
                             f"{base.name!r} is {base.fingerprint}", "__metadata__.base_fingerprint")
     if meta.kind not in base.kinds:
         raise DeltaRejected(f"task kind {meta.kind!r} is not served by base {base.name!r} "

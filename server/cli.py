@@ -30,6 +30,8 @@ def serve(
     """Serve the REST API. Flags override TASKDELTA_* environment variables."""
     import uvicorn
 
+    from taskdelta.deltas import BaseModelError, resolve_base
+
     from .app import create_app
     from .settings import get_settings
 
@@ -42,8 +44,9 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = get_settings(**overrides)
+        resolve_base(settings.base)  # a wrong --base is one line here, not a startup traceback
         api = create_app(settings)
-    except ValueError as exc:
+    except (ValueError, BaseModelError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     uvicorn.run(api, host=settings.host, port=settings.port, log_level=log_level,
