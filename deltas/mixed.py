@@ -7,40 +7,54 @@ of one task are contiguous in the batch):
     Linear     y += x @ ΔWᵀ + Δb          (ΔW: the delta's sorted flat indices, read as rows)
     Embedding  y += ΔE[ids]              (ΔE's rows for all the batch's ids at once)
     LayerNorm  y += norm(x) * Δγ + Δβ    (norm: layer_norm without its affine part)
+    RMSNorm    y += norm(x) * Δγ         (norm: x / rms(x) in float32, cast as the module casts)
 
-A delta on any other tensor, or a base whose task head cannot run on the shared backbone's
-output, makes the task not mixable: it runs through the swap. The outputs equal the merged
-model's up to rounding only (x·W + x·ΔW is not x·(W+ΔW) bit for bit).
+A tensor used by several modules (a causal LM's embedding tied to its LM head) corrects every use:
+the embedding lookup (y += ΔE[ids]) and the output projection (logits += h @ ΔEᵀ). A delta on any
+other tensor, a base of a type not listed in `HOOKED`, or a task head that cannot run on the shared
+backbone's output makes the task not mixable: it runs through the swap. The outputs equal the
+merged model's up to rounding only (x·W + x·ΔW is not x·(W+ΔW) bit for bit). Inputs are
+[batch, ...]: [batch, seq] ids, [batch, seq, hidden] activations (prefill: seq > 1, decode: 1).
+A forward given `inputs_embeds` instead of ids skips the embedding and so its correction.
 
-`Mixer` registers forward hooks on the backbone's modules once; they return at once unless a
-`mixing(...)` context is active, so single-task forwards compute exactly what they did. On CPU
-the sparse products run in `_mixed_kernel` (one call per module for all tasks, reading the
-delta's own index and increment runs: no extra memory); elsewhere, or where it cannot be built,
-in torch sparse CSR ops (a CSR kept per delta, counted in its cache entry).
+`Mixer` registers forward hooks on the modules once; they return at once unless a `mixing(...)`
+context is active, so single-task forwards compute exactly what they did. The corrections run on
+one of two paths (`_mixed_paths`), chosen once at construction: the compiled CPU kernels of
+`_mixed_kernel` (float32; one call per module for all tasks, reading the delta's own index and
+increment runs: no extra memory), or torch sparse CSR ops (any device, CUDA included; a CSR kept
+per delta, counted in its `MixedDelta.nbytes`, which the server's cache adds to the task's entry).
+A batch's plan (per module, its tasks' arguments) is kept while the next batches have the same
+rows and tasks, as consecutive decode steps do.
 """
 
 from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import _mixed_kernel
+from ._mixed_paths import NONE, Batch, KernelPath, Plan, TorchPath
 from .base import Base
 from .swap import PreparedDelta
 
-MIXABLE_KINDS = ("classify", "embed")
+MIXABLE_KINDS = ("classify", "embed", "generate")
+# model type -> the part of the model whose modules get hooks: an encoder's backbone (the heads
+# run on its output), a causal LM's whole model (its LM head is outside the backbone). Mistral and
+# Qwen2 (q/k/v biases) are Llama's modules under other names; each one listed is tested
+HOOKED = {"bert": "backbone", "llama": "model", "mistral": "model", "qwen2": "model"}
 # encoders whose modules see batch-first inputs and whose classifier runs on the pooled output:
 # BertForSequenceClassification is pooler_output -> dropout -> classifier
 POOLED_HEADS = {"bert": "BertForSequenceClassification"}
+
+Segments = list[tuple[int, int, "MixedDelta | None"]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,7 +107,7 @@ class EmbeddingFix:
 @dataclass(frozen=True, eq=False)
 class NormFix:
     weight: torch.Tensor | None  # Δγ [hidden]
-    bias: torch.Tensor | None  # Δβ [hidden]
+    bias: torch.Tensor | None  # Δβ [hidden] (a LayerNorm's; an RMSNorm has none)
 
 
 Fix = LinearFix | EmbeddingFix | NormFix
@@ -108,6 +122,23 @@ class MixedDelta:
     nbytes: int  # bytes it holds beyond the PreparedDelta it was built from
 
 
+def module_kind(module: nn.Module) -> str | None:
+    """"linear", "embedding" or "norm" for the modules the mixer can correct, else None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.LayerNorm) or _is_rms_norm(module):
+        return "norm"
+    return None
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    # LlamaRMSNorm and its copies (weight * (x / rms(x))); not Gemma's (1 + weight) variant,
+    # which keeps its epsilon as `eps`
+    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+
+
 class Mixer:
     """Output corrections for several tasks in one forward of a base. One worker thread drives
     `cached`, `build` and `mixing`; `why_not` is meant for one other thread (the event loop)."""
@@ -116,41 +147,52 @@ class Mixer:
         self.base = base
         self.model_type = getattr(base.config, "model_type", "")
         self._modules: dict[str, nn.Module] = {}
-        self._targets = self._find_targets()  # base tensor name -> (module name, "weight"|"bias")
+        # base tensor name -> its uses: (module name, "weight"|"bias"), two for a tied tensor
+        self._targets = self._find_targets()
         self._built: weakref.WeakKeyDictionary[PreparedDelta, MixedDelta] = weakref.WeakKeyDictionary()
         self._verdicts: weakref.WeakKeyDictionary[PreparedDelta, str | None] = (
             weakref.WeakKeyDictionary())
-        self._segments: list[tuple[int, int, MixedDelta | None]] | None = None
-        self._plans: dict[str, _Plan] = {}
-        self._rows = 0
-        self._counts = torch.zeros(0, dtype=torch.long)
+        self._batch: Batch | None = None
+        self._last: tuple[tuple, Batch] | None = None  # the previous batch's plan (decode steps)
         # built (or loaded) now, at startup, not on the first mixed batch
-        self._kernel = _mixed_kernel.load() if self._targets and base.device.type == "cpu" else None
+        kernel = (_mixed_kernel.load() if self._targets and base.device.type == "cpu"
+                  and base.dtype == torch.float32 else None)
+        self._path = KernelPath(kernel) if kernel is not None else TorchPath()
+        self._runs: dict[str, Callable] = {name: getattr(self._path, module_kind(m) or "")
+                                           for name, m in self._modules.items()}
         self._handles = [m.register_forward_hook(_Hook(self, name))
                          for name, m in self._modules.items()]
 
-    def _find_targets(self) -> dict[str, tuple[str, str]]:
-        if self.model_type not in POOLED_HEADS:
+    @property
+    def _kernel(self) -> Any:
+        """The compiled kernels this mixer runs, None on the torch path."""
+        return self._path.kernel if isinstance(self._path, KernelPath) else None
+
+    @_kernel.setter
+    def _kernel(self, kernel: Any) -> None:  # benchmarks wrap the kernels in timers
+        if isinstance(self._path, KernelPath):
+            self._path.kernel = kernel
+
+    def _find_targets(self) -> dict[str, list[tuple[str, str]]]:
+        root = getattr(self.base, HOOKED.get(self.model_type, ""), None)
+        if root is None:
             return {}
-        model, backbone = self.base.model, self.base.backbone
-        prefix = next(n for n, m in model.named_modules() if m is backbone)
+        prefix = next(n for n, m in self.base.model.named_modules() if m is root)
         prefix = f"{prefix}." if prefix else ""
-        targets: dict[str, tuple[str, str]] = {}
-        seen: set[str] = set()
-        for sub, module in backbone.named_modules():
-            if not isinstance(module, nn.Linear | nn.Embedding | nn.LayerNorm):
-                continue
-            name = prefix + sub
+        uses: dict[str, list[tuple[str, str, nn.Module]]] = {}
+        for sub, module in root.named_modules():
             for attr, _ in module.named_parameters(recurse=False):
-                canonical = self.base.canonical(f"{name}.{attr}")
-                if canonical is None or (isinstance(module, nn.Embedding) and attr != "weight"):
-                    continue
-                if canonical in seen:  # a tied tensor used by two modules: leave it to the swap
-                    targets.pop(canonical, None)
-                    continue
-                seen.add(canonical)
-                targets[canonical] = (name, attr)
-                self._modules[name] = module
+                canonical = self.base.canonical(f"{prefix}{sub}.{attr}")
+                if canonical is not None:
+                    uses.setdefault(canonical, []).append((prefix + sub, attr, module))
+        targets: dict[str, list[tuple[str, str]]] = {}
+        for canonical, found in uses.items():
+            # every use must be correctable (a tied tensor read by a module the mixer cannot
+            # correct is left to the swap), and an embedding's only parameter is its weight
+            if all(module_kind(m) is not None and (module_kind(m) != "embedding" or a == "weight")
+                   for _, a, m in found):
+                targets[canonical] = [(name, attr) for name, attr, _ in found]
+                self._modules.update({name: m for name, _, m in found})
         return targets
 
     def close(self) -> None:
@@ -174,11 +216,13 @@ class Mixer:
             return f"mixed batches need a float32 base, not {self.base.dtype}"
         if delta.kind not in MIXABLE_KINDS:
             return f"a {delta.kind!r} task cannot be mixed"
-        if delta.kind == "classify" and type(delta.head).__name__ != POOLED_HEADS[self.model_type]:
-            return f"head {type(delta.head).__name__} cannot run on the shared backbone output"
+        head = type(delta.head).__name__
+        if delta.kind == "classify" and head != POOLED_HEADS.get(self.model_type):
+            return f"head {head} cannot run on the shared backbone output"
         for name in delta.names:
             if name not in self._targets:
-                return f"tensor {name!r} is not a Linear, Embedding or LayerNorm of the backbone"
+                return (f"tensor {name!r} is not a Linear, Embedding, LayerNorm or RMSNorm "
+                        "weight the mixer corrects")
         return None
 
     # -- building the corrections ----------------------------------------------------------------
@@ -192,26 +236,22 @@ class Mixer:
         why = self._why_not(delta)
         if why is not None:
             raise ValueError(f"delta {delta.name!r} cannot be mixed: {why}")
-        parts: dict[str, dict[str, Any]] = {}
+        parts: dict[str, dict[str, Any]] = {}  # module name -> attr -> its part of the delta
+        made: list[SparseMatrix | torch.Tensor] = []  # once per tensor, however many uses
         for name, idx, inc in zip(delta.names, delta.idx, delta.inc, strict=True):
-            module_name, attr = self._targets[name]
-            parts.setdefault(module_name, {})[attr] = self._part(name, idx, inc)
+            made.append(self._part(name, idx, inc))
+            for module_name, attr in self._targets[name]:
+                parts.setdefault(module_name, {})[attr] = made[-1]
         fixes: dict[str, Fix] = {}
         for module_name, got in parts.items():
-            module = self._modules[module_name]
             w, b = got.get("weight"), got.get("bias")
-            if isinstance(module, nn.Embedding):
-                fixes[module_name] = EmbeddingFix(w)
-            elif isinstance(module, nn.Linear):
-                fixes[module_name] = LinearFix(w, b)
-            else:
-                fixes[module_name] = NormFix(w, b)
-        if self._kernel is None:
-            for p in parts.values():  # the torch path's CSR: built now, counted in the bytes
-                for t in p.values():
-                    _ = t.csr if isinstance(t, SparseMatrix) else None
-        nbytes = sum(t.nbytes for p in parts.values() for t in p.values())
-        mixed = MixedDelta(name=delta.name, fixes=fixes, nbytes=nbytes)
+            kind = module_kind(self._modules[module_name])
+            fixes[module_name] = (EmbeddingFix(w) if kind == "embedding" else
+                                  LinearFix(w, b) if kind == "linear" else NormFix(w, b))
+        if self._kernel is None:  # the torch path's CSR: built now, counted in the bytes
+            for t in made:
+                _ = t.csr if isinstance(t, SparseMatrix) else None
+        mixed = MixedDelta(name=delta.name, fixes=fixes, nbytes=sum(t.nbytes for t in made))
         self._built[delta] = mixed
         return mixed
 
@@ -226,170 +266,85 @@ class Mixer:
     # -- running a mixed forward -----------------------------------------------------------------
 
     @contextmanager
-    def mixing(self, segments: list[tuple[int, int, MixedDelta | None]], rows: int) -> Iterator[None]:
+    def mixing(self, segments: Segments, rows: int) -> Iterator[None]:
         """Inside: forwards of `rows` rows apply each segment's corrections to its rows
         [start, end) (segments in order, not overlapping; a None delta is the base)."""
-        tiles: list[tuple[int, int, MixedDelta | None]] = []
+        tiles: Segments = []
         at = 0
         for a, b, m in segments:  # tile [0, rows): the gaps are base rows
+            if not at <= a <= b <= rows:  # the torch path would not notice; the kernels would
+                raise ValueError(f"segment [{a}, {b}) out of order or outside {rows} rows")
             if a > at:
                 tiles.append((at, a, None))
             tiles.append((a, b, m))
             at = b
         if at < rows:
             tiles.append((at, rows, None))
-        self._segments = tiles
-        self._rows = rows
-        self._counts = torch.tensor([b - a for a, b, _ in tiles], device=self.base.device)
-        self._plans = self._plan(tiles)
+        key = (rows, *((a, b, id(m)) for a, b, m in tiles))
+        if self._last is None or self._last[0] != key:  # a decode step like the last: same plan
+            counts = torch.tensor([b - a for a, b, _ in tiles], device=self.base.device)
+            self._last = (key, Batch(tiles, rows, counts, _plans(tiles)))
+        self._batch = self._last[1]
         try:
             yield
         finally:
-            self._segments = None
-            self._plans = {}
+            self._batch = None
 
-    def _plan(self, tiles: list[tuple[int, int, MixedDelta | None]]) -> dict[str, _Plan]:
-        """Per module the batch corrects, its fixes and the kernels' arguments, once a batch
-        (not once a module call)."""
-        names = {n: None for _, _, m in tiles if m is not None for n in m.fixes}  # ordered set
-        plans: dict[str, _Plan] = {}
-        for name in names:
-            fixes = [m.fixes.get(name) if m is not None else None for _, _, m in tiles]
-            sparse = [(a, b, f.weight) for (a, b, _), f in zip(tiles, fixes, strict=True)
-                      if isinstance(f, LinearFix | EmbeddingFix) and f.weight is not None]
-            vectors = [(a, b, *_vectors(f)) for (a, b, _), f in zip(tiles, fixes, strict=True)
-                       if isinstance(f, LinearFix | NormFix)
-                       and (f.bias is not None or isinstance(f, NormFix) and f.weight is not None)]
-            plans[name] = _Plan(
-                fixes=fixes,
-                sparse=([w.idx for _, _, w in sparse], [w.val for _, _, w in sparse],
-                        [a for a, _, _ in sparse], [b for _, b, _ in sparse]),
-                vectors=([g for _, _, g, _ in vectors], [b for _, _, _, b in vectors],
-                         [a for a, _, _, _ in vectors], [b for _, b, _, _ in vectors]),
-                gamma=any(g.numel() for _, _, g, _ in vectors),
-                vocab=sparse[0][2].shape[0] if sparse else 0)
-        return plans
+    def forget_batch(self) -> None:
+        """Drop the remembered plan of the last batch (it holds its tasks' corrections)."""
+        self._last = None
 
     def _hook(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> Any:
-        if self._segments is None:
+        batch = self._batch
+        if batch is None:
             return None
-        plan = self._plans.get(name)
+        plan = batch.plans.get(name)
         if plan is None:
             return None
         x = args[0]
-        if output.shape[0] != self._rows:  # shared across rows ([1, seq] position ids): per row now
+        if output.shape[0] != batch.rows:  # shared across rows ([1, seq] position ids): per row now
             if output.shape[0] != 1:
-                raise RuntimeError(f"{name}: {output.shape[0]} output rows in a batch of {self._rows}")
-            output = output.expand(self._rows, *output.shape[1:]).contiguous()
-            x = x.expand(self._rows, *x.shape[1:])
-        if self._kernel is not None and output.dtype == torch.float32:
-            self._fix(self._kernel, module, plan, x, output)
-        elif isinstance(module, nn.Linear):
-            self._linear(x, output, plan.fixes)
-        elif isinstance(module, nn.Embedding):
-            self._embedding(x, output, plan.fixes)
-        else:
-            self._norm(module, x, output, plan.fixes)
+                raise RuntimeError(f"{name}: {output.shape[0]} output rows in a batch of {batch.rows}")
+            output = output.expand(batch.rows, *output.shape[1:]).contiguous()
+            x = x.expand(batch.rows, *x.shape[1:])
+        self._runs[name](batch, plan, module, x, output)
         return output
 
-    def _fix(self, kernel: Any, module: nn.Module, plan: _Plan, x: torch.Tensor,
-             y: torch.Tensor) -> None:
-        """The compiled kernels: one call per correction kind for all the batch's tasks."""
-        per_row = y[0].numel() // y.shape[-1]  # tokens per batch row
-        y2 = y.view(-1, y.shape[-1])  # [tokens, out]
-        if isinstance(module, nn.Embedding):
-            kernel.embedding_fix(x.reshape(-1).long().contiguous(), y2, plan.vocab, per_row,
-                                 *plan.sparse)
-            return
-        if isinstance(module, nn.Linear) and plan.sparse[0]:
-            kernel.linear_fix(x.reshape(-1, x.shape[-1]).contiguous(), y2, per_row, *plan.sparse)
-        if plan.vectors[0]:
-            scale = _NONE
-            if plan.gamma:  # norm(x): layer_norm without its affine part, [tokens, hidden]
-                scale = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-                scale = scale.reshape(y2.shape).contiguous()
-            kernel.rows_fix(y2, scale, per_row, *plan.vectors)
 
-    # -- the torch path (no compiled kernels) ----------------------------------------------------
-
-    def _linear(self, x: torch.Tensor, y: torch.Tensor, fixes: list) -> None:
-        segments = self._segments or []
-        per_row = y[0].numel() // y.shape[-1]  # tokens per batch row
-        x2 = x.reshape(-1, x.shape[-1])  # [tokens, in]
-        y2 = y.view(-1, y.shape[-1])  # [tokens, out]
-        for (a, b, _), f in zip(segments, fixes, strict=True):
-            if f is not None and f.weight is not None:  # y[a:b] += x[a:b] @ ΔWᵀ
-                rows = slice(a * per_row, b * per_row)
-                y2[rows].add_(torch.sparse.mm(f.weight.tensor, x2[rows].t().contiguous()).t())
-        self._add_per_row(y, [f.bias if f is not None else None for f in fixes])
-
-    def _embedding(self, ids: torch.Tensor, y: torch.Tensor, fixes: list) -> None:
-        segments = self._segments or []
-        per_row = ids[0].numel()
-        flat = ids.reshape(-1)  # [tokens]
-        y2 = y.view(-1, y.shape[-1])  # [tokens, hidden]
-        for (a, b, _), f in zip(segments, fixes, strict=True):
-            if f is not None:
-                rows = slice(a * per_row, b * per_row)
-                _add_rows(flat[rows].long(), y2[rows], f.weight)
-
-    def _norm(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, fixes: list) -> None:
-        gammas = [f.weight if f is not None else None for f in fixes]
-        if any(g is not None for g in gammas):
-            normed = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-            self._add_per_row(y, gammas, normed)
-        self._add_per_row(y, [f.bias if f is not None else None for f in fixes])
-
-    def _add_per_row(self, y: torch.Tensor, vectors: list[torch.Tensor | None],
-                     scale: torch.Tensor | None = None) -> None:
-        """y[rows of segment s] += vectors[s] (times `scale` where given), in one op."""
-        if all(v is None for v in vectors):
-            return
-        size = y.shape[-1]
-        zero = y.new_zeros(size)
-        stacked = torch.stack([zero if v is None else v for v in vectors])  # [segments, size]
-        rows = torch.repeat_interleave(stacked, self._counts, dim=0, output_size=self._rows)
-        rows = rows.view(self._rows, *([1] * (y.dim() - 2)), size)  # broadcast over tokens
-        if scale is None:
-            y.add_(rows)
-        else:
-            y.addcmul_(scale, rows)
+def _plans(tiles: Segments) -> dict[str, Plan]:
+    """Per module the batch corrects, its fixes and the kernels' arguments, once a batch
+    (not once a module call)."""
+    names = {n: None for _, _, m in tiles if m is not None for n in m.fixes}  # ordered set
+    return {name: _plan(name, tiles) for name in names}
 
 
-_NONE = torch.empty(0)  # the kernels' "no vector"
-
-
-def _vectors(fix: LinearFix | NormFix) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Δγ, Δβ) of a LayerNorm, (none, Δb) of a Linear; _NONE where absent."""
-    gamma = fix.weight if isinstance(fix, NormFix) else None
-    return (_NONE if gamma is None else gamma, _NONE if fix.bias is None else fix.bias)
-
-
-@dataclass(frozen=True, eq=False)
-class _Plan:
-    """One module's corrections in one batch."""
-
-    fixes: list[Fix | None]  # per tile (the torch path)
-    sparse: tuple[list, list, list, list]  # idx, val, start row, end row of each ΔW / ΔE
-    vectors: tuple[list, list, list, list]  # Δγ, Δβ (or none, Δb), start row, end row
-    gamma: bool  # any Δγ: the kernel needs norm(x)
-    vocab: int  # ΔE's rows (an Embedding)
-
-
-def _add_rows(ids: torch.Tensor, y: torch.Tensor, w: SparseMatrix) -> None:
-    """y[t] += ΔE[ids[t]] for every token t, vectorised over the tokens' stored entries."""
-    crow, col = w.csr
-    starts = crow[ids].long()
-    counts = crow[ids + 1].long() - starts
-    total = int(counts.sum())
-    if total == 0:
-        return
-    token = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), counts,
-                                    output_size=total)
-    first = torch.cumsum(counts, 0) - counts  # where each token's entries start in the run
-    pos = torch.arange(total, device=ids.device) + torch.repeat_interleave(
-        starts - first, counts, output_size=total)  # [total] positions in col / val
-    y.index_put_((token, col[pos].long()), w.val[pos], accumulate=True)
+def _plan(name: str, tiles: Segments) -> Plan:
+    fixes: list[Fix | None] = []
+    idx, val, s_start, s_end = [], [], [], []  # each ΔW / ΔE: its runs and rows
+    gammas, betas, v_start, v_end = [], [], [], []  # each Δγ, Δβ (or none, Δb): its rows
+    vocab = 0  # ΔE's rows (an Embedding)
+    for a, b, m in tiles:  # plain appends: this runs for every module and task of a batch
+        f = m.fixes.get(name) if m is not None else None
+        fixes.append(f)
+        if f is None:
+            continue
+        w = f.weight
+        if isinstance(w, SparseMatrix):  # ΔW of a Linear, ΔE of an Embedding
+            vocab = w.shape[0]
+            idx.append(w.idx)
+            val.append(w.val)
+            s_start.append(a)
+            s_end.append(b)
+        gamma = w if isinstance(f, NormFix) else None
+        bias = None if isinstance(f, EmbeddingFix) else f.bias
+        if gamma is not None or bias is not None:
+            gammas.append(NONE if gamma is None else gamma)
+            betas.append(NONE if bias is None else bias)
+            v_start.append(a)
+            v_end.append(b)
+    return Plan(fixes=fixes, sparse=(idx, val, s_start, s_end),
+                vectors=(gammas, betas, v_start, v_end),
+                gamma=any(g.numel() for g in gammas), vocab=vocab)
 
 
 class _Hook:
