@@ -12,6 +12,7 @@ from taskdelta.client.types import SamplingParams, StreamChunk
 @dataclass(frozen=True)
 class ClassifyJob:
     texts: tuple[str | tuple[str, str], ...]
+    top_k: int | None = None
 
 
 @dataclass(frozen=True)

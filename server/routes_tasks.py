@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -10,11 +11,13 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from taskdelta.client.types import Deleted, TaskInfo, TaskList
 from taskdelta.deltas import DeltaRejected
 
-from .deps import StateDep, TaskName, TenantDep
-from .engine import BASE_TASK
-from .errors import BadTaskRequest, Forbidden, PayloadTooLarge, VersionConflict
+from .deps import AppState, StateDep, TaskName, TenantDep
+from .errors import BadTaskRequest, Forbidden
 from .http_errors import error_responses
+from .limits import check_labels
+from .registry import BASE_TASK
 from .store import StoredTask
+from .uploads import UploadGate, quota_left, read_upload
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=error_responses(401, 422, 503))
 OCTET = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
@@ -30,32 +33,24 @@ def task_info(stored: StoredTask, with_tenant: bool = False) -> TaskInfo:
                     tenant=stored.tenant if with_tenant else None)
 
 
+IF_MATCH_RE = re.compile(r'(?:W/)?"?([0-9]{1,18})"?')  # a version number, quoted as an ETag or not
+
+
 def parse_if_match(value: str | None) -> int | None:
+    """The version an `If-Match` names; 400 for anything that is not one version number."""
     if value is None:
         return None
-    text = value.strip().removeprefix("W/").strip('"')
-    if not text.isdigit():
-        raise VersionConflict(f"If-Match must be a task version number, got {value!r}")
-    return int(text)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused at `limit` bytes without buffering the rest."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
-    return bytes(body)
+    found = IF_MATCH_RE.fullmatch(value.strip())
+    if found is None:
+        raise BadTaskRequest(f"If-Match must be one task version number (as its ETag gives it, "
+                             f"e.g. '\"3\"'), got {value[:64]!r}")
+    return int(found.group(1))
 
 
 @router.put("/{task}", response_model=TaskInfo, status_code=201,
             openapi_extra={"requestBody": {"required": True, "content": OCTET}},
             responses={200: {"model": TaskInfo, "description": "Replaced an existing task"},
-                       **error_responses(400, 403, 409, 413)})
+                       **error_responses(400, 403, 409, 413, 429)})
 async def upload_task(task: TaskName, request: Request, response: Response, state: StateDep,
                       tenant: TenantDep,
                       if_match: Annotated[str | None, Header()] = None) -> TaskInfo:
@@ -64,21 +59,32 @@ async def upload_task(task: TaskName, request: Request, response: Response, stat
         raise BadTaskRequest("'base' is the base model and cannot be replaced")
     expected = parse_if_match(if_match)
     s = state.settings
-    data = await read_body(request, s.max_delta_bytes)
-    try:
-        checked = await state.engine.check_upload(data, s.max_delta_bytes)
-    except DeltaRejected:
-        state.metrics.uploads.labels("rejected").inc()
-        raise
-    existed = await state.store.current_version(tenant.name, task) is not None
-    stored = await state.store.put(tenant.name, task, data, checked.info, if_match=expected,
-                                   max_tasks=s.max_tasks_per_tenant,
-                                   max_bytes=s.max_bytes_per_tenant)
-    state.engine.invalidate(tenant.name, task)
+    gate = UploadGate.of(request, s)
+    with gate.slot(tenant.name) as reservation:
+        allowance = await quota_left(state.store, gate, tenant.name, task, s.max_bytes_per_tenant)
+        data = await read_upload(request, s.max_delta_bytes, allowance, reservation)
+        info = await _checked_info(state, data)
+        existed = await state.store.current_version(tenant.name, task) is not None
+        stored = await state.store.put(tenant.name, task, data, info, if_match=expected,
+                                       max_tasks=s.max_tasks_per_tenant,
+                                       max_bytes=s.max_bytes_per_tenant)
+    state.registry.invalidate(tenant.name, task)
     state.metrics.uploads.labels("replaced" if existed else "created").inc()
     response.status_code = 200 if existed else 201
     response.headers["ETag"] = f'"{stored.version}"'
     return task_info(stored)
+
+
+async def _checked_info(state: AppState, data: bytearray) -> dict[str, str]:
+    """The metadata to store for a delta that passed every check. Only the metadata is kept:
+    the decoded delta is dropped before the bytes go to the store (peak memory per upload)."""
+    try:
+        checked = await state.registry.check_upload(data, state.settings.max_delta_bytes)
+        check_labels(checked.delta.meta.labels, state.settings)
+    except DeltaRejected:
+        state.metrics.uploads.labels("rejected").inc()
+        raise
+    return checked.info
 
 
 @router.get("", response_model=TaskList, responses=error_responses(403))
@@ -100,9 +106,9 @@ async def get_task(task: TaskName, state: StateDep, tenant: TenantDep,
     return task_info(stored)
 
 
-@router.delete("/{task}", response_model=Deleted, responses=error_responses(404, 409))
+@router.delete("/{task}", response_model=Deleted, responses=error_responses(400, 404, 409))
 async def delete_task(task: TaskName, state: StateDep, tenant: TenantDep,
                       if_match: Annotated[str | None, Header()] = None) -> Deleted:
     await state.store.delete(tenant.name, task, if_match=parse_if_match(if_match))
-    state.engine.invalidate(tenant.name, task)
+    state.registry.invalidate(tenant.name, task)
     return Deleted(name=task)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -28,6 +29,7 @@ from redis.exceptions import ConnectionError, RedisClusterException, RedisError
 from .errors import QuotaExceeded, ServerError, StoreUnavailable, TaskNotFound, VersionConflict
 from .keys import Keys
 
+log = logging.getLogger("taskdelta.store")
 _READ_BATCH_BYTES = 64 * 1024 * 1024  # one MGET asks for about this much
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
@@ -138,7 +140,10 @@ def _unavailable(doing: str) -> Iterator[None]:
     try:
         yield
     except (RedisError, RedisClusterException, OSError) as e:
-        raise StoreUnavailable(f"the task store (Redis) failed while {doing}: {e}") from e
+        # The client sees what failed, never the driver's text (it names socket paths, hosts,
+        # ports); the log keeps it.
+        log.warning("Redis failed while %s: %r", doing, e)
+        raise StoreUnavailable(f"the task store (Redis) failed while {doing}") from e
 
 
 def connect(url: str, socket_timeout_s: float = 5.0,

@@ -9,11 +9,11 @@ import hashlib
 import logging
 import pickle
 import threading
-from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
+from support import rss_bytes
 
 from taskdelta.deltas import dumps, random_delta
 from taskdelta.server import auth
@@ -149,13 +149,6 @@ def test_keys_are_compared_in_constant_time_against_every_entry(monkeypatch):
 
 # --- body size limits -----------------------------------------------------------------------------
 
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
 def test_json_bodies_are_limited_declared_or_streamed(tiny_bert, redis_proc, tmp_path, live_server):
     """Uploads have max_delta_bytes (see test_hostile_deltas); every other body max_request_bytes:
     refused with 413 once declared or read past, never buffered whole."""
@@ -163,7 +156,7 @@ def test_json_bodies_are_limited_declared_or_streamed(tiny_bert, redis_proc, tmp
     s = settings_for(redis_proc.url, tmp_path, max_request_bytes=limit)
     with live_server(create_app(s, base=tiny_bert)) as srv, \
             httpx.Client(base_url=srv.url, headers=auth_for("acme"), timeout=60) as c:
-        ok = c.post("/v1/tasks/base/embed", json={"texts": ["x" * (limit // 2)]})
+        ok = c.post("/v1/tasks/base/embed", json={"texts": ["x" * (limit // 4)] * 2})  # texts <= 20k
         assert ok.status_code == 200
         declared = c.post("/v1/tasks/base/embed", json={"texts": ["x" * limit]})
         assert declared.status_code == 413, declared.text
@@ -232,7 +225,7 @@ class CapturedServer:
 
 
 def test_no_key_or_delta_bytes_in_any_log(tiny_bert, redis_proc, tmp_path, capfd):
-    from conftest import free_port
+    from taskdelta.server.embedded import free_port
 
     canary = "canary-5f0d2b8e91"
     good = random_delta(tiny_bert, 0.001, seed=4, kind="classify", labels=["p", "q"])
