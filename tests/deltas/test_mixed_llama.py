@@ -155,6 +155,26 @@ def test_mixed_prefill_and_decode_match_each_tasks_merged_model(mixer, tiny_llam
     assert worst <= LOGITS_ATOL
 
 
+@torch.no_grad()
+def test_prefill_keeping_only_the_last_logits_corrects_that_position(mixer, tiny_llama,
+                                                                      tiny_llama_dir):
+    """A prefill that asks for the last position's logits only (the LM head sees one token a
+    row): that position's logits are still each task's merged model's."""
+    made = llama_deltas(tiny_llama, count=1)
+    mixed = mixer.build(prepare(made[0], tiny_llama))
+    ids, mask = left_padded([3, 6, 5], tiny_llama.config.pad_token_id, seed=3)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with mixer.mixing([(1, 3, mixed)], 3):
+        got = tiny_llama.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                               logits_to_keep=1).logits  # [rows, 1, vocab]
+    want = merged_model(tiny_llama_dir, made[0])(input_ids=ids, attention_mask=mask,
+                                                 position_ids=pos).logits[:, -1:]
+    plain = tiny_llama.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1:]
+    assert got.shape == (3, 1, tiny_llama.config.vocab_size)
+    assert float((got[1:] - want[1:]).abs().max()) <= LOGITS_ATOL
+    assert float((got[:1] - plain[:1]).abs().max()) <= LOGITS_ATOL
+
+
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_other_llama_family_models_mix_like_llama(family, mixer_path):
     """Mistral and Qwen2 (biases on q/k/v) are Llama's modules under other names: same property."""
