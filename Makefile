@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test test-quick lint bench-swap bench-quality bench-serve
+.PHONY: install serve test test-quick lint bench-swap bench-quality bench-serve bench-decode
 
 install: $(VENV)/.installed
 
@@ -45,3 +45,8 @@ bench-serve: install
 
 bench-quality: install
 	$(PY) bench/quality.py
+
+# decode throughput: the server under C = 1, 8, 32 streaming clients against one in-process
+# generate() batch (~6 min on 2 cores); e.g. make bench-decode BENCH_DECODE_ARGS=--quick
+bench-decode: install
+	$(PY) bench/decode.py --with-classify $(BENCH_DECODE_ARGS)
