@@ -1,5 +1,6 @@
 """Pure-ASGI middleware: a request id on every response (and every error), route latency metrics,
-a request body size limit, and a last-resort 500 in the one error shape for anything unexpected."""
+the API key checked before any body is read, a request body size limit, and a last-resort 500 in
+the one error shape for anything unexpected."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import re
 import time
 import uuid
 
+from fastapi.security.utils import get_authorization_scheme_param
 from starlette.exceptions import HTTPException
 
-from .metrics import Metrics
+from .errors import Unauthorized
+from .http_errors import error_response
+from .metrics import UNMATCHED, Metrics, method_label, status_label
 
 log = logging.getLogger("taskdelta.http")
-RID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+RID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+AUTHENTICATED_PREFIX = "/v1/"  # every tenant route; health, readiness, metrics and docs are not
 
 
 class RequestContext:
@@ -26,14 +31,15 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if RID_RE.match(given) else uuid.uuid4().hex
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if RID_RE.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         started = time.perf_counter()
         status = {"code": 500, "sent": False}
         limit = _body_limit(scope)
         if limit is not None:
-            receive = _limited(receive, limit, dict(scope.get("headers") or []).get(b"content-length"))
+            receive = _limited(receive, limit, headers.get(b"content-length"))
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
@@ -43,6 +49,9 @@ class RequestContext:
             await send(message)
 
         try:
+            if refusal := _unauthenticated(scope, headers, rid):
+                await refusal(scope, receive, send_with_id)  # the body is never read
+                return
             await self.app(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error, request id %s", rid)
@@ -55,9 +64,29 @@ class RequestContext:
                     (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.http_seconds.labels(scope["method"], route, str(status["code"])).observe(
+            route = getattr(scope.get("route"), "path", UNMATCHED)  # the template, not the path
+            self.metrics.http_seconds.labels(method_label(scope["method"]), route,
+                                             status_label(status["code"])).observe(
                 time.perf_counter() - started)
+
+
+def _unauthenticated(scope, headers: dict[bytes, bytes], rid: str):
+    """A 401 response for a tenant route called without a valid key, else None. Checked here,
+    before routing, because FastAPI reads and parses a JSON body before it resolves the route's
+    dependencies (where the tenant is checked again): an anonymous caller must not make the server
+    buffer or parse anything."""
+    state = getattr(getattr(scope.get("app"), "state", None), "taskdelta", None)
+    if state is None or not state.keys.enabled or not scope["path"].startswith(AUTHENTICATED_PREFIX):
+        return None
+    scheme, key = get_authorization_scheme_param(
+        headers.get(b"authorization", b"").decode("latin-1"))
+    try:
+        state.keys.authenticate(key if scheme.lower() == "bearer" else None)
+    except Unauthorized as exc:
+        # the unread body is dropped with the connection rather than drained
+        return error_response(401, "unauthorized", str(exc), rid,
+                              {"WWW-Authenticate": "Bearer", "Connection": "close"})
+    return None
 
 
 def _body_limit(scope) -> int | None:
