@@ -10,6 +10,7 @@ A task stays swapped in after its forward, so consecutive forwards of one task s
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from taskdelta.deltas.mixed import MixedDelta, Mixer
 
 from .inference import MixedPart, classify, classify_mixed, embed, embed_mixed
 from .jobs import ClassifyJob, EmbedJob, Job
-from .kv import DecodeGroup, Prefilled, cache_argument
+from .kv import DecodeGroup, Owner, Prefilled, cache_argument
 from .sequences import Sequence
 
 
@@ -44,6 +45,7 @@ class Prefill:
     seq: Sequence
     prepared: PreparedDelta | None
     group: DecodeGroup  # where it goes once its prompt is read
+    key: str = ""  # "tenant/name": its task, for the mixed form's cache accounting
     cache: DynamicCache | None = None
 
 
@@ -184,7 +186,6 @@ class Executor:
             seq.finish = seq.finish or "stop"
             report.finished.append(seq)
             return
-        self.swap_to(work.prepared)
         model = self.swapper.task_model
         device = _device(model)
         if work.cache is None:
@@ -192,8 +193,10 @@ class Executor:
         start, end = seq.prefilled, min(len(seq.prompt), seq.prefilled + max(1, tokens))
         ids = torch.tensor([seq.prompt[start:end]], device=device)
         positions = torch.arange(start, end, device=device)[None, :]
-        out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
-                    **{self._cache_arg: work.cache})
+        owner = (work.key, work.prepared)
+        with self._weights_for([(0, 1, owner)], 1, alone=not self._others_live(work)):
+            out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                        **{self._cache_arg: work.cache})
         seq.prefilled = end
         if end < len(seq.prompt):
             return
@@ -202,7 +205,7 @@ class Executor:
         if seq.done:
             report.finished.append(seq)
         else:
-            work.group.join(Prefilled(seq, work.cache), token)
+            work.group.join(Prefilled(seq, work.cache), token, owner)
         work.cache = None
 
     @torch.no_grad()
@@ -215,9 +218,10 @@ class Executor:
         group.keep([i for i, s in enumerate(group.rows) if not s.done])
         if not group.rows:
             return
-        self.swap_to(prepared)
         model = self.swapper.task_model
-        out = model(**group.step_inputs(_device(model), self._cache_arg))
+        runs = group.runs() if group.mixed else [(0, len(group), ("", prepared))]
+        with self._weights_for(runs, len(group), alone=len(runs) == 1):
+            out = model(**group.step_inputs(_device(model), self._cache_arg))
         logits = out.logits[:, -1].float()  # [rows, vocab]
         report.decoded_rows += len(group.rows)
         for i, seq in enumerate(group.rows):
@@ -227,6 +231,26 @@ class Executor:
             if seq.done:
                 report.finished.append(seq)
         group.keep([i for i, s in enumerate(group.rows) if not s.done])
+
+
+    # -- whose weights a forward runs on --------------------------------------------------------
+
+    def _weights_for(self, runs: list[tuple[int, int, Owner]], rows: int, alone: bool):
+        """One delta for every row (`alone`): swapped in, exact. Several: the untouched base with
+        each run's delta as a correction on its rows (within rounding of the merged models)."""
+        if alone:
+            self.swap_to(runs[0][2][1])
+            return contextlib.nullcontext()
+        assert self.mixer is not None, "a mixed forward without a mixer"
+        self.swap_to(None)
+        segments = [(a, b, self._mixed_form(EncodePart(key, p, (), [])) if p is not None else None)
+                    for a, b, (key, p) in runs]
+        return self.mixer.mixing(segments, rows)
+
+    @staticmethod
+    def _others_live(work: Prefill) -> bool:
+        """Whether the mixed group this sequence joins decodes rows of another delta."""
+        return work.group.mixed and any(p is not work.prepared for _, p in work.group.owners)
 
 
 def _device(model: torch.nn.Module) -> torch.device:

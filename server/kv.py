@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .sequences import Sequence
+
+Owner = tuple[str, Any]  # (task key, its PreparedDelta or None for the base)
 
 
 def cache_argument(model: torch.nn.Module) -> str:
@@ -44,10 +47,14 @@ class Prefilled:
 
 
 class DecodeGroup:
-    """The live rows that decode together in one forward (today: one task's sequences)."""
+    """The live rows that decode together in one forward: one task's sequences (its delta swapped
+    in), or, with `mixed`, sequences of several tasks on the untouched base, each task's delta
+    correcting its own rows. A mixed group keeps each task's rows next to each other."""
 
-    def __init__(self) -> None:
+    def __init__(self, mixed: bool = False) -> None:
+        self.mixed = mixed
         self.rows: list[Sequence] = []
+        self.owners: list[Owner] = []  # per row: (task key, its delta or None for the base)
         self.pads: list[int] = []
         self.cache: DynamicCache | None = None
         self.next_ids: list[int] = []  # per row: the token to feed at the next step
@@ -60,7 +67,24 @@ class DecodeGroup:
         """T: the cache's columns (pads included)."""
         return 0 if self.cache is None else self.cache.get_seq_length()
 
-    def join(self, new: Prefilled, first_token: int) -> None:
+    def deltas(self) -> list[Owner]:
+        """The distinct (key, delta) of the rows, in row order."""
+        seen: dict[int, Owner] = {}
+        for owner in self.owners:
+            seen.setdefault(id(owner[1]), owner)
+        return list(seen.values())
+
+    def runs(self) -> list[tuple[int, int, Owner]]:
+        """(start, end, owner) of each run of rows with the same delta."""
+        out: list[tuple[int, int, Owner]] = []
+        for i, owner in enumerate(self.owners):
+            if out and out[-1][2][1] is owner[1]:
+                out[-1] = (out[-1][0], i + 1, owner)
+            else:
+                out.append((i, i + 1, owner))
+        return out
+
+    def join(self, new: Prefilled, first_token: int, owner: Owner = ("", None)) -> None:
         """Add a prefilled sequence as a new row; `first_token` is fed at the next step."""
         own, old = new.cache.get_seq_length(), self.length
         width = max(old, own)
@@ -73,14 +97,25 @@ class DecodeGroup:
                                          _pad_left(theirs.values, width)])
         self.pads = [p + width - old for p in self.pads] + [width - own]
         self.rows.append(new.seq)
+        self.owners.append(owner)
         self.next_ids.append(first_token)
+        if self.mixed:
+            self._regroup()
+
+    def _regroup(self) -> None:
+        """Rows of one delta next to each other (the new row moves up to its task's rows)."""
+        rank: dict[int, int] = {}
+        for owner in self.owners:
+            rank.setdefault(id(owner[1]), len(rank))
+        order = sorted(range(len(self.rows)), key=lambda i: rank[id(self.owners[i][1])])
+        self.keep(order)
 
     def keep(self, keep: list[int]) -> None:
         """Only these rows stay (in this order); columns every row pads are cut."""
-        if len(keep) == len(self.rows):
+        if keep == list(range(len(self.rows))):
             return
         if not keep:
-            self.rows, self.pads, self.next_ids, self.cache = [], [], [], None
+            self.rows, self.owners, self.pads, self.next_ids, self.cache = [], [], [], [], None
             return
         index = torch.tensor(keep, dtype=torch.long)
         cut = min(self.pads[i] for i in keep)
@@ -89,6 +124,7 @@ class DecodeGroup:
             layer.keys = layer.keys[index, :, cut:].contiguous()
             layer.values = layer.values[index, :, cut:].contiguous()
         self.rows = [self.rows[i] for i in keep]
+        self.owners = [self.owners[i] for i in keep]
         self.pads = [self.pads[i] - cut for i in keep]
         self.next_ids = [self.next_ids[i] for i in keep]
 

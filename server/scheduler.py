@@ -31,6 +31,7 @@ from .sequences import Sequence
 
 log = logging.getLogger("taskdelta.scheduler")
 OnBatch = Callable[[str, int, list[float], float], None]
+MIXED = ("mixed",)  # the key of the decode group whose rows belong to several tasks
 Taken = list[tuple[Request, tuple[int, ...]]]  # requests and which of their texts a micro-batch holds
 
 
@@ -76,7 +77,7 @@ class Scheduler:
         self.queues = Queues(limits.max_queue, limits.max_queued_total, limits.retry_after_s)
         self.turns = TurnPolicy(limits.max_consecutive_batches, limits.max_hold_ms)
         self._prefilling: list[Prefill] = []
-        self._groups: dict[tuple, tuple[DecodeGroup, Loaded]] = {}  # (task, version) -> group
+        self._groups: dict[tuple, tuple[DecodeGroup, Loaded]] = {}  # (task, version) or MIXED
         self._live: dict[Sequence, Request] = {}  # admitted to decode, prefilling or decoding
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
@@ -290,22 +291,29 @@ class Scheduler:
             waiting.popleft()
             seq = req.sequence
             assert seq is not None
-            group, _ = self._group_for(req.loaded, req.ref)
+            key = self._group_key(req)
+            if key not in self._groups:
+                self._groups[key] = (DecodeGroup(mixed=key == MIXED), req.loaded)
             self._live[seq] = req
-            self._prefilling.append(Prefill(seq, req.loaded.prepared, group))
+            self._prefilling.append(Prefill(seq, req.loaded.prepared, self._groups[key][0],
+                                            str(req.key)))
 
-    def _group_for(self, loaded: Loaded, ref: TaskRef) -> tuple[DecodeGroup, Loaded]:
-        key = (ref.tenant, ref.name, loaded.version)
-        if key not in self._groups:
-            self._groups[key] = (DecodeGroup(), loaded)
-        return self._groups[key]
+    def _group_key(self, req: Request) -> tuple:
+        """Where a generation decodes: the shared mixed group when its delta can be applied as a
+        correction (or it is the base), else a group of its own task's version (swapped in)."""
+        assert req.loaded is not None
+        prepared = req.loaded.prepared
+        mixer = self.executor.mixer
+        if self._mixed and (prepared is None or (mixer is not None and mixer.why_not(prepared) is None)):
+            return MIXED
+        return (req.ref.tenant, req.ref.name, req.loaded.version)
 
     def _kv_room(self, req: Request) -> bool:
         if not self._kv_per_token:
             return True
         seq = req.sequence
         assert seq is not None and req.loaded is not None
-        target = (req.ref.tenant, req.ref.name, req.loaded.version)
+        target = self._group_key(req)
         shapes = self._kv_shapes()
         rows, longest = shapes.pop(target, (0, 0))
         shapes[target] = (rows + 1, max(longest, seq.reserved_tokens))
@@ -315,8 +323,7 @@ class Scheduler:
         """Per decode group, with the sequences still prefilling into it: (rows, longest)."""
         shapes: dict[tuple, tuple[int, int]] = {}
         for seq, req in self._live.items():
-            assert req.loaded is not None
-            key = (req.ref.tenant, req.ref.name, req.loaded.version)
+            key = self._group_key(req)
             rows, longest = shapes.get(key, (0, 0))
             shapes[key] = (rows + 1, max(longest, seq.reserved_tokens))
         return shapes

@@ -46,10 +46,11 @@ class Settings(BaseSettings):
     max_hold_ms: float = Field(200.0, gt=0, description="... or after this long")
     request_timeout_s: float = Field(60.0, gt=0, description="Per-request deadline -> 504")
     retry_after_s: int = Field(1, ge=1)
-    mixed_batches: bool = Field(False, description="Opt-in: fill a task's short batch with other "
-                                "loaded classify/embed tasks' requests, run in one forward with "
-                                "each delta as a sparse correction (outputs within rounding of the "
-                                "merged model's, not bit-identical)")
+    mixed_batches: bool = Field(True, description="Rows of several tasks share one forward of "
+                                "the untouched base, each delta a sparse correction on its rows "
+                                "(classify/embed micro-batches, generation decode steps; outputs "
+                                "within rounding of the merged model's). A forward whose rows are "
+                                "all one task swaps it in (exact). false: one task per forward")
 
     # cache
     cache_bytes: int = Field(1024 * 1024 * 1024, ge=0, description="Decoded-delta LRU bound")

@@ -7,6 +7,7 @@ and with the mode off nothing changes."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -222,10 +223,11 @@ async def scheduled_parts(base: Base, mixed: bool) -> tuple[list[int], list]:
     for i, d in enumerate(made):
         store.put("acme", f"t{i}", dumps(d), "classify")
     engine = Engine(base, store, get_settings(mixed_batches=mixed, max_batch=16))
-    sched, parts_per_batch, gate = engine.scheduler, [], asyncio.Event()
+    sched, parts_per_batch, release = engine.scheduler, [], threading.Event()
     step = engine.executor.step
 
     def logged(plan):
+        assert release.wait(10), "the test never released the worker"
         parts_per_batch.append(len(plan.encode))
         return step(plan)
 
@@ -235,10 +237,13 @@ async def scheduled_parts(base: Base, mixed: bool) -> tuple[list[int], list]:
         for ref in refs:  # loaded (and cached) before the burst: all of them can mix
             await engine.registry.load(ref)
         sched.start()
-        answers = await asyncio.gather(*(sched.submit(refs[n % 4], ClassifyJob(texts=(SENTENCES[n % 5],)))
-                                         for n in range(12)))
-        gate.set()
+        work = [asyncio.ensure_future(sched.submit(refs[n % 4], ClassifyJob(texts=(SENTENCES[n % 5],))))
+                for n in range(12)]
+        await asyncio.sleep(0.1)  # all queued (and ready) before the first step runs
+        release.set()
+        answers = await asyncio.gather(*work)
     finally:
+        release.set()
         await sched.stop()
         engine.close()
     return parts_per_batch, answers
@@ -251,7 +256,7 @@ def test_scheduler_mixes_loaded_tasks_into_one_micro_batch_only_when_on(tiny_ber
     assert max(off) == 1 and len(off) >= 4
     for a, b in zip(answers_on, answers_off, strict=True):
         assert max_diff(a.rows, b.rows) <= PROB_ATOL
-    assert Settings().mixed_batches is False
+    assert Settings().mixed_batches is True  # the default since mixed decode (issue 13)
 
 
 # --- end to end ------------------------------------------------------------------------------

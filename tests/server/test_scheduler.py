@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import MemoryStore
+from support import N_TOKENS, MemoryStore, assert_bit_identical, generate_offline, snapshot
 
 from taskdelta.client.types import SamplingParams
 from taskdelta.deltas import dumps, load_base, random_delta
@@ -318,3 +318,46 @@ def test_policy_take_rows_keeps_every_forward_within_budget():
         slices = take_rows([("a", sorted(lengths)), ("b", [5, 5])], budget)
         rows = [i for s in slices for i in s.indices]
         assert 1 <= len(rows) <= 4 and budget.rows * budget.longest <= max(64, budget.longest)
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+async def test_generations_of_many_tasks_match_each_merged_model(llama, mixed):
+    """Mixed on: one decode forward serves rows of several tasks on the untouched base (each
+    delta a correction on its rows); off: one group per task, swapped in. Either way every
+    sequence's greedy text is its merged model's, and the base stays bit-identical."""
+    store = MemoryStore(llama)
+    made = [random_delta(llama, 0.01, seed=40 + i, kind="generate", scale=0.2) for i in range(4)]
+    for i, d in enumerate(made):
+        store.put("acme", f"g{i}", dumps(d), "generate")
+    prompts = [(i % 4, p) for i, p in enumerate(PROMPTS)] + [(None, "plain base prompt")]
+    want = [generate_offline(llama, made[i] if i is not None else None, p).text for i, p in prompts]
+    assert len(set(want)) > 3
+    saved = snapshot(llama)
+    engine = make_engine(llama, store, mixed_batches=mixed)
+    log = StepLog(engine)
+    runs: list[int] = []
+    decode = engine.executor.decode
+
+    def counted(group, prepared, report):
+        runs.append(len(group.runs()) if group.mixed else 1)
+        return decode(group, prepared, report)
+
+    engine.executor.decode = counted  # type: ignore[method-assign]
+    sched = engine.scheduler
+    sched.start()
+    log.hold.clear()
+    try:
+        refs = [await engine.registry.resolve("acme", f"g{i}", "generate") if i is not None
+                else engine.registry.base_ref("acme") for i, _ in prompts]
+        futures = [asyncio.ensure_future(sched.submit(ref, job(p, max_new_tokens=N_TOKENS)))
+                   for ref, (_, p) in zip(refs, prompts, strict=True)]
+        await asyncio.sleep(0.1)
+        log.hold.set()
+        served = await asyncio.gather(*futures)
+    finally:
+        log.hold.set()
+        await sched.stop()
+        engine.close()
+    assert [g.text for g in served] == want
+    assert (max(runs) > 1) == mixed, "mixed decode steps iff the mode is on"
+    assert_bit_identical(llama, saved)
