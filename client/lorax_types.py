@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from .types import MAX_TEXT_CHARS, MAX_TOP_LOGPROBS
 
@@ -18,16 +18,16 @@ class _Response(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-def _must_be(value: Any, neutral: tuple[Any, ...], what: str) -> Any:
-    if value not in neutral:
-        raise ValueError(f"{what} is not supported by this server")
-    return value
+OFF = "Not supported by this server: only false"
+ABSENT = "Not supported by this server: only null or absent"
 
 
 class LoraxParameters(BaseModel):
+    """The neutral-only parameters say so in their types, so the schema states what is honoured."""
+
     model_config = ConfigDict(extra="forbid")
     adapter_id: str | None = Field(None, description="The task name; empty or absent: the base")
-    adapter_source: str | None = Field(None, description="Only absent or 'local' (the task store)")
+    adapter_source: Literal["local"] | None = Field(None, description="Only 'local' (the task store)")
     max_new_tokens: int | None = Field(None, ge=1, le=1024)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -36,44 +36,19 @@ class LoraxParameters(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     details: bool = False
     return_k_alternatives: int | None = Field(None, ge=1, le=MAX_TOP_LOGPROBS)
+    api_token: str | None = Field(None, description="Accepted and ignored (tasks are local)")
     # sent by clients at neutral values; anything else is refused
-    merged_adapters: Any = None
-    api_token: str | None = None
-    ignore_eos_token: bool = False
-    repetition_penalty: float | None = None
-    return_full_text: bool = False
-    top_k: int | None = None
-    truncate: int | None = None
-    typical_p: float | None = None
-    best_of: int | None = None
-    watermark: bool = False
-    decoder_input_details: bool = False
-    response_format: Any = None
-
-    @field_validator("adapter_source")
-    @classmethod
-    def _local(cls, v: str | None) -> str | None:
-        return _must_be(v, (None, "local"), "an adapter_source other than 'local'")
-
-    @field_validator("merged_adapters", "response_format", "top_k", "truncate", "typical_p")
-    @classmethod
-    def _absent(cls, v: Any) -> Any:
-        return _must_be(v, (None,), "this parameter")
-
-    @field_validator("ignore_eos_token", "return_full_text", "watermark", "decoder_input_details")
-    @classmethod
-    def _off(cls, v: bool) -> bool:
-        return _must_be(v, (False,), "this option")
-
-    @field_validator("repetition_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None) -> float | None:
-        return _must_be(v, (None, 1.0), "a repetition_penalty other than 1")
-
-    @field_validator("best_of")
-    @classmethod
-    def _one(cls, v: int | None) -> int | None:
-        return _must_be(v, (None, 1), "best_of > 1")
+    merged_adapters: None = Field(None, description=ABSENT)
+    response_format: None = Field(None, description=ABSENT)
+    top_k: None = Field(None, description=ABSENT)
+    truncate: None = Field(None, description=ABSENT)
+    typical_p: None = Field(None, description=ABSENT)
+    repetition_penalty: Literal[1.0] | None = Field(None, description="Only 1 (no penalty)")
+    best_of: Literal[1] | None = Field(None, description="Only 1")
+    ignore_eos_token: Literal[False] = Field(False, description=OFF)
+    return_full_text: Literal[False] = Field(False, description=OFF)
+    watermark: Literal[False] = Field(False, description=OFF)
+    decoder_input_details: Literal[False] = Field(False, description=OFF)
 
 
 class LoraxRequest(BaseModel):

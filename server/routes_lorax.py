@@ -35,8 +35,9 @@ from .registry import BASE_TASK, TaskRef
 from .submit import run_job, start_stream
 
 router = APIRouter(tags=["lorax"],
-                   responses=error_responses(401, 404, 413, 422, 429, 503, 504, dialect="lorax"))
-SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+                   responses=error_responses(400, 401, 404, 413, 422, 429, 503, 504, dialect="lorax"))
+# each event's data: a token (the last one with the whole text and details), or an error
+SSE = {"text/event-stream": {"schema": {"type": "object"}}}
 NO_ID = -1  # the engine reports token text, not ids
 
 

@@ -43,7 +43,9 @@ from .submit import run_job
 
 router = APIRouter(prefix="/v1", tags=["openai"],
                    responses=error_responses(400, 401, 404, 413, 429, 503, 504, dialect="openai"))
-SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+# each event's data: a chunk (or an error) object, then the string [DONE]
+SSE = {"text/event-stream": {"schema": {"anyOf": [{"type": "object"},
+                                                  {"type": "string", "const": "[DONE]"}]}}}
 STREAMED = {200: {"content": SSE, "description": "JSON, or SSE when stream is true"}}
 
 
