@@ -118,6 +118,26 @@ def test_chat_stream_chunks_as_openai_sends_them(gen_server, tiny_llama):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == want.completion_tokens
 
 
+def test_chat_stream_with_n_opens_and_finishes_every_choice(gen_server, tiny_llama):
+    """n streamed choices share the batch: each opens with the role and adds up to the answer."""
+    srv, delta = gen_server
+    want = generate_offline(tiny_llama, delta, chat_prompt(tiny_llama), temperature=0.0)
+    roles, texts, finishes = {}, {0: "", 1: "", 2: ""}, {}
+    for chunk in client(srv).chat.completions.create(model="gen", messages=MESSAGES, n=3,
+                                                     temperature=0, max_completion_tokens=N_TOKENS,
+                                                     stream=True):
+        for ch in chunk.choices:
+            if ch.delta.role:
+                roles.setdefault(ch.index, ch.delta.role)
+                assert ch.index not in finishes and texts[ch.index] == ""  # the role comes first
+            texts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finishes[ch.index] = ch.finish_reason
+    assert roles == {0: "assistant", 1: "assistant", 2: "assistant"}
+    assert texts == {i: want.text for i in range(3)}
+    assert finishes == {i: want.finish_reason for i in range(3)}
+
+
 def test_seed_makes_sampling_repeatable(gen_server):
     srv, _ = gen_server
     ask = dict(model="gen", prompt=PROMPT, max_tokens=N_TOKENS, temperature=1.0, seed=7)
