@@ -44,7 +44,7 @@ def check_meta(delta: TaskDelta, base: Base) -> None:
     if meta.format_version != FORMAT_VERSION:
         raise DeltaRejected(f"format version {meta.format_version} is not supported", "__metadata__")
     if meta.base_fingerprint != base.fingerprint:
-        made_for = (f"{meta.base_name!r} ({meta.base_fingerprint})" if meta.base_name
+        made_for = (f"{meta.base_fingerprint} ({meta.base_name!r})" if meta.base_name
                     else meta.base_fingerprint)  # the name a user recognises, where the file has it
         raise DeltaRejected(f"made for base {made_for}, but the loaded base "
                             f"{base.name!r} is {base.fingerprint}", "__metadata__.base_fingerprint")
