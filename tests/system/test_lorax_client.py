@@ -60,6 +60,10 @@ def test_stream_adds_up_to_the_plain_answer(gen_server, tiny_llama):
     assert events[-1].generated_text == want.text
     assert events[-1].details.generated_tokens == want.completion_tokens
     assert all(e.details is None for e in events[:-1])
+    # the pieces carry their tokens' logprobs: together, those of the plain answer's tokens
+    plain = client(srv).generate(PROMPT, adapter_id="gen", max_new_tokens=N_TOKENS)
+    total = sum(t.logprob for t in plain.details.tokens)
+    assert total < 0 and sum(e.token.logprob for e in events) == pytest.approx(total, abs=1e-4)
 
 
 def test_native_generate_routes(gen_server, tiny_llama):
