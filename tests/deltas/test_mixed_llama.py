@@ -175,17 +175,19 @@ def test_prefill_keeping_only_the_last_logits_corrects_that_position(mixer, tiny
     assert float((got[:1] - plain[:1]).abs().max()) <= LOGITS_ATOL
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "llama-untied"])
 def test_other_llama_family_models_mix_like_llama(family, mixer_path):
-    """Mistral and Qwen2 (biases on q/k/v) are Llama's modules under other names: same property."""
+    """Mistral and Qwen2 (biases on q/k/v) are Llama's modules under other names, and an untied
+    LM head is one more Linear: same property."""
     import transformers
 
     config_cls, model_cls = {
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "llama-untied": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}[family]
     cfg = config_cls(vocab_size=3000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                     pad_token_id=0)
+                     num_attention_heads=2, num_key_value_heads=1,
+                     tie_word_embeddings=family != "llama-untied", pad_token_id=0)
     torch.manual_seed(0)
     base = bind_base(model_cls(cfg).eval(), None, name=family, path=None, fingerprint=family)
     merged = bind_base(copy.deepcopy(base.model), None, name=family, path=None, fingerprint=family)
@@ -194,6 +196,8 @@ def test_other_llama_family_models_mix_like_llama(family, mixer_path):
     mixer = Mixer(base)
     try:
         assert (mixer._kernel is None) == (mixer_path == "torch")
+        assert set(mixer._targets) == set(base.params), "every tensor is corrected"
+        assert ("lm_head.weight" in base.params) == (family == "llama-untied")
         mixed = mixer.build(prepare(delta, base))
         ids, mask = left_padded([5, 7, 3], 0)
         ids %= 3000
