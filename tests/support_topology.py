@@ -18,9 +18,10 @@ from pathlib import Path
 
 import httpx
 import redis
-from conftest import free_port, redis_binary
+from support import ROOT, redis_binary
 
-ROOT = Path(__file__).resolve().parents[1]
+from taskdelta.server.embedded import free_port
+
 LB_TEMPLATE = ROOT / "docker" / "nginx" / "taskdelta.conf.template"
 COMPOSE = ROOT / "docker-compose.yml"
 START_TIMEOUT_S = 240  # a hang guard: importing torch on two busy cores can take a while

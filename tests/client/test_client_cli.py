@@ -8,8 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_sdk import CLASSIFIED, TASK
-from test_sdk_stream import STORY, sse
+from support import CLASSIFIED, STORY, TASK, sse
 from typer.testing import CliRunner
 
 from taskdelta.client import Client, cli

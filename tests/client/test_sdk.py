@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support import CLASSIFIED, MAPPING, Recorder, error, ok
 
 from taskdelta.client import (
     APIConnectionError,
@@ -20,16 +21,10 @@ from taskdelta.client import (
     APIResponseValidationError,
     APIStatusError,
     APITimeoutError,
-    AuthenticationError,
-    BadRequestError,
     Client,
-    ConflictError,
     DeltaRejectedError,
-    GatewayTimeoutError,
     InternalServerError,
     NotFoundError,
-    PayloadTooLargeError,
-    PermissionDeniedError,
     RateLimitError,
     RetryPolicy,
     ServiceUnavailableError,
@@ -39,28 +34,7 @@ from taskdelta.client import (
 from taskdelta.client.types import ClassifyRequest, EmbedRequest, GenerateRequest
 
 URL = "http://td.test"
-TASK = {"name": "sst2", "kind": "classify", "version": 3, "labels": ["neg", "pos"], "nnz": 1200,
-        "density": 0.005, "bytes": 9600, "sha256": "ab" * 32, "base_fingerprint": "fp1",
-        "created_at": 1_700_000_000.0, "provenance": {"method": "extract", "density": 0.005}}
-CLASSIFIED = {"task": "sst2", "version": 3,
-              "results": [{"label": "pos", "scores": {"neg": 0.1, "pos": 0.9}}]}
-
 Handler = Callable[[httpx.Request], httpx.Response]
-
-
-class Recorder:
-    """A MockTransport handler answering from a script: one response (or exception) per call."""
-
-    def __init__(self, *script: httpx.Response | Exception) -> None:
-        self.script = list(script)
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        step = self.script[min(len(self.requests), len(self.script)) - 1]
-        if isinstance(step, Exception):
-            raise step
-        return step
 
 
 def client_for(handler: Handler, **kwargs) -> tuple[Client, list[float]]:
@@ -72,29 +46,7 @@ def client_for(handler: Handler, **kwargs) -> tuple[Client, list[float]]:
     return client, sleeps
 
 
-def error(status: int, type_: str | None = "x", message: str = "went wrong",
-          rid: str | None = "req-7", headers: dict[str, str] | None = None) -> httpx.Response:
-    body = {"error": {"type": type_, "message": message, "request_id": rid}}
-    return httpx.Response(status, json=body, headers={"x-request-id": rid or "", **(headers or {})})
-
-
-def ok(body: object = TASK, status: int = 200) -> httpx.Response:
-    return httpx.Response(status, json=body, headers={"x-request-id": "req-ok"})
-
-
 # --- error mapping -------------------------------------------------------------------------------
-
-MAPPING = [
-    (400, "bad_request", BadRequestError), (401, "unauthorized", AuthenticationError),
-    (403, "forbidden", PermissionDeniedError), (404, "not_found", NotFoundError),
-    (409, "conflict", ConflictError), (413, "payload_too_large", PayloadTooLargeError),
-    (422, "invalid_request", UnprocessableEntityError),
-    (422, "delta_rejected", DeltaRejectedError), (429, "rate_limited", RateLimitError),
-    (500, "internal_error", InternalServerError), (502, None, InternalServerError),
-    (503, "unavailable", ServiceUnavailableError), (504, "timeout", GatewayTimeoutError),
-    (418, "teapot", APIStatusError),
-]
-
 
 @pytest.mark.parametrize(("status", "type_", "cls"), MAPPING)
 def test_each_error_status_maps_to_its_class_with_message_and_request_id(status, type_, cls):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_sdk import CLASSIFIED, MAPPING, TASK, Recorder, error, ok
+from support import CLASSIFIED, MAPPING, TASK, Recorder, error, ok
 
 from taskdelta.client import (
     APIConnectionError,

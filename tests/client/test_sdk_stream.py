@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+from support import STORY, USAGE, sse
 
 from taskdelta.client import (
     APIConnectionError,
@@ -19,21 +20,6 @@ from taskdelta.client import (
     StreamChunk,
 )
 from taskdelta.client._streaming import ServerSentEvent, SSEDecoder
-
-USAGE = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
-
-
-def sse(*chunks: dict, done: bool = True, error: dict | None = None) -> bytes:
-    out = [f"data: {json.dumps(c)}\n\n" for c in chunks]
-    if error is not None:
-        out.append(f"event: error\ndata: {json.dumps({'error': error})}\n\n")
-    if done:
-        out.append("data: [DONE]\n\n")
-    return "".join(out).encode()
-
-
-STORY = sse({"text": "Once"}, {"text": " upon"}, {"text": " a"},
-            {"text": " time", "finish_reason": "length", "usage": USAGE})
 
 
 def pieces_of(body: bytes, size: int) -> Iterator[bytes]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import bits
 
 from taskdelta.deltas import (
     Base,
@@ -25,12 +26,6 @@ from taskdelta.deltas import (
     prepare,
     validate,
 )
-
-_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view(_INT_VIEW[t.element_size()])
 
 
 def diffs_of(base: Base, ft_params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

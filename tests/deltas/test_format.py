@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
+from support import assert_same_delta, delta_meta, file_header
 
 from taskdelta.deltas import (
     FORMAT_VERSION,
@@ -29,15 +30,8 @@ from taskdelta.deltas import (
 from taskdelta.deltas.format import MAX_HEADER_BYTES, tensor_checksum
 
 
-def _meta(**over: object) -> DeltaMeta:
-    fields: dict = {"base_fingerprint": "sha256:feed", "kind": "embed",
-                    "provenance": Provenance(method="test", density=0.5)}
-    fields.update(over)
-    return DeltaMeta(**fields)
-
-
 def _small_delta() -> TaskDelta:
-    return TaskDelta(meta=_meta(), tensors={
+    return TaskDelta(meta=delta_meta(), tensors={
         "w": SparseTensor(torch.tensor([0, 3, 7], dtype=torch.int32),
                           torch.tensor([1.0, -2.0, 0.5])),
     })
@@ -60,22 +54,6 @@ def _with_header(data: bytes, header: dict) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + data[8 + n:]
 
 
-def _header(data: bytes) -> dict:
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + n])
-
-
-def _assert_same(a: TaskDelta, b: TaskDelta) -> None:
-    assert a.tensors.keys() == b.tensors.keys() and a.heads.keys() == b.heads.keys()
-    for name in a.tensors:
-        for x, y in ((a.tensors[name].idx, b.tensors[name].idx),
-                     (a.tensors[name].val, b.tensors[name].val)):
-            assert x.dtype == y.dtype and torch.equal(x, y), name
-    for name in a.heads:
-        assert a.heads[name].dtype == b.heads[name].dtype
-        assert torch.equal(a.heads[name], b.heads[name]), name
-
-
 # --- round trips -------------------------------------------------------------------------------
 
 
@@ -83,7 +61,7 @@ def test_bytes_round_trip_keeps_every_tensor_and_metadata(tiny_bert):
     """loads(dumps(d)) has the same tensors (values and dtypes), heads and metadata as d."""
     delta = random_delta(tiny_bert, 0.05, seed=3, kind="classify", labels=["neg", "pos", "meh"])
     back = loads(dumps(delta))
-    _assert_same(delta, back)
+    assert_same_delta(delta, back)
     assert back.meta.model_dump(exclude={"checksum"}) == delta.meta.model_dump(exclude={"checksum"})
     assert back.meta.checksum.startswith("sha256:")
     assert back.meta.provenance.model_extra == {"seed": 3}  # extra provenance keys survive
@@ -94,7 +72,7 @@ def test_path_round_trip_and_no_temp_file_left(tmp_path: Path, tiny_llama):
     delta = random_delta(tiny_llama, 0.02, seed=1)
     path = save(delta, tmp_path / "task.safetensors")
     back = load(path)
-    _assert_same(delta, back)
+    assert_same_delta(delta, back)
     assert back.meta.kind == "generate"
     assert [p.name for p in tmp_path.iterdir()] == ["task.safetensors"]
 
@@ -112,7 +90,7 @@ def test_metadata_round_trip_all_fields():
 
 def test_header_metadata_is_the_documented_string_map():
     """The file's __metadata__ holds exactly the documented keys, all strings."""
-    header = _header(dumps(_small_delta()))
+    header = file_header(dumps(_small_delta()))
     meta = header["__metadata__"]
     assert set(meta) == {"format", "format_version", "base_fingerprint", "base_name", "kind",
                          "labels", "provenance", "checksum"}
@@ -138,11 +116,11 @@ def test_round_trip_is_exact_for_any_content(nnz, val_dtype, idx64, seed, head_d
             idx.to(torch.int64 if idx64 else torch.int32),
             torch.randn(k, generator=gen, dtype=torch.float64).to(val_dtype))
     heads = {"classifier.weight": torch.randn(2, 3, generator=gen).to(head_dtype)}
-    delta = TaskDelta(meta=_meta(kind="classify", labels=["a", "b"]), tensors=tensors, heads=heads)
+    delta = TaskDelta(meta=delta_meta(kind="classify", labels=["a", "b"]), tensors=tensors, heads=heads)
     data = dumps(delta)
     back = loads(data)
-    _assert_same(delta, back)
-    _assert_same(back, loads(dumps(back)))
+    assert_same_delta(delta, back)
+    assert_same_delta(back, loads(dumps(back)))
 
 
 # --- refusals: integrity ---------------------------------------------------------------------
@@ -201,7 +179,7 @@ def test_header_claiming_more_bytes_than_exist():
 def test_tensor_offsets_past_the_end_are_refused():
     """A header whose tensors need more data bytes than the file has is refused as truncated."""
     data = dumps(_small_delta())
-    header = _header(data)
+    header = file_header(data)
     last = max(("w::idx", "w::val"), key=lambda k: header[k]["data_offsets"][1])
     header[last]["data_offsets"][1] += 4
     header[last]["shape"] = [4]
@@ -234,7 +212,7 @@ def test_malformed_header_is_refused(body: bytes):
 ])
 def test_malformed_header_entry_names_the_tensor(entry: object):
     data = dumps(_small_delta())
-    header = _header(data)
+    header = file_header(data)
     header["w::val"] = entry
     with pytest.raises(DeltaRejected, match="malformed header entry") as err:
         loads(_with_header(data, header))
@@ -305,7 +283,7 @@ def test_missing_metadata_key_is_refused(key: str):
 def test_non_string_metadata_value_is_refused():
     """A hand-written header with a JSON list as a metadata value is refused, not a TypeError."""
     data = dumps(_small_delta())
-    header = _header(data)
+    header = file_header(data)
     header["__metadata__"]["format_version"] = [1]
     with pytest.raises(DeltaRejected, match="values must be strings") as err:
         loads(_with_header(data, header))

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from support import bits, differing
 
 from taskdelta.deltas import (
     Base,
@@ -25,17 +26,6 @@ pytestmark = pytest.mark.slow
 
 CYCLES = 1000
 DENSITIES = (0.001, 0.002, 0.001, 0.005, 0.002)  # one delta per seed, cycled through
-_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view(_INT_VIEW[t.element_size()])
-
-
-def differing(base: Base, saved: dict[str, torch.Tensor]) -> list[str]:
-    return [n for n, p in base.params.items() if not torch.equal(bits(p), bits(saved[n]))]
-
-
 # both defaults in their served dtype (float32), and minilm in bfloat16 too, where a subtracting
 # restore would drift fastest (smollm2 in bf16 adds ~30 s for no new code path)
 @pytest.mark.parametrize(("name", "dtype"), [("minilm", "float32"), ("minilm", "bfloat16"),

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import bits, differing, snapshot
 
 from taskdelta.deltas import (
     Base,
@@ -29,23 +30,6 @@ from taskdelta.deltas import (
 BASES = [("bert", "float32"), ("bert", "bfloat16"), ("llama", "float32"), ("llama", "bfloat16")]
 KINDS = {"bert": ("embed", "classify"), "llama": ("generate", "embed", "classify")}
 SENTENCES = ["a gripping , funny film", "dull", "it is neither here nor there , and it knows it"]
-_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits: equal here means equal to the last bit (-0.0 vs 0.0 and NaN payloads too)."""
-    return t.detach().contiguous().view(_INT_VIEW[t.element_size()])
-
-
-def snapshot(base: Base) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in base.params.items()}
-
-
-def differing(base: Base, expected: dict[str, torch.Tensor]) -> list[str]:
-    """Names of base tensors whose bits differ from `expected`."""
-    return [n for n, p in base.params.items() if not torch.equal(bits(p), bits(expected[n]))]
-
-
 def merged_by_hand(original: dict[str, torch.Tensor], delta: TaskDelta) -> dict[str, torch.Tensor]:
     """original + increments at the indices, computed in the base dtype, from the file form."""
     out = {n: t.clone() for n, t in original.items()}

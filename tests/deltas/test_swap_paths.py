@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import bits, snapshot, torch_threads
 
 from taskdelta.deltas import (
     PreparedDelta,
@@ -25,19 +26,8 @@ from taskdelta.deltas import (
 from taskdelta.deltas.layout import HUGE_PAGE
 
 DTYPES = ["float32", "bfloat16", "float16"]
-_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view(_INT_VIEW[t.element_size()])
-
-
 def same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(bits(a[n]), bits(b[n])) for n in a)
-
-
-def snapshot(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in params.items()}
 
 
 @pytest.fixture(scope="module", params=DTYPES)
@@ -57,34 +47,34 @@ def kernel():
 def test_kernel_and_torch_ops_write_the_same_bits(base, kernel, density):
     """Applied by either path the weights equal the offline merge bitwise (16-bit rounding
     included); after restore they are the base's again."""
-    original = snapshot(base.params)
+    original = snapshot(base)
     delta = random_delta(base, density, seed=11, scale=0.3)
     prepared = prepare(delta, base)
-    merged = snapshot(base.params)
+    merged = snapshot(base)
     merge_into(merged, prepared)
     assert not same_bits(merged, original)
     for backend in ("kernel", "torch"):
         sw = Swapper(base, backend=backend)
         assert sw.backend == backend
         sw.apply(prepared)
-        assert same_bits(snapshot(base.params), merged), backend
+        assert same_bits(snapshot(base), merged), backend
         sw.restore()
-        assert same_bits(snapshot(base.params), original), backend
+        assert same_bits(snapshot(base), original), backend
 
 
 def test_a_delta_built_by_hand_is_packed_and_swapped(base, kernel):
     """A PreparedDelta made without prepare() (no plan; int64 indices) swaps the same way."""
-    original = snapshot(base.params)
+    original = snapshot(base)
     prepared = prepare(random_delta(base, 0.02, seed=4), base)
     by_hand = PreparedDelta(name="hand", kind=prepared.kind, labels=(), names=prepared.names,
                             idx=tuple(i.long() for i in prepared.idx), inc=prepared.inc)
     for backend in ("kernel", "torch"):
         sw = Swapper(base, backend=backend)
         with sw.swapped(prepared):
-            want = snapshot(base.params)
+            want = snapshot(base)
         with sw.swapped(by_hand):
-            assert same_bits(snapshot(base.params), want), backend
-        assert same_bits(snapshot(base.params), original), backend
+            assert same_bits(snapshot(base), want), backend
+        assert same_bits(snapshot(base), original), backend
 
 
 @pytest.mark.parametrize("backend", ["kernel", "torch"])
@@ -93,7 +83,7 @@ def test_bad_index_in_a_later_tensor_leaves_nothing_written(base, kernel, backen
     """A bad index in a later tensor of a delta: the tensors before it were written (by the kernel,
     which then undoes them) or never touched (torch checks first); either way the error names the
     tensor and the weights are the original bits."""
-    original = snapshot(base.params)
+    original = snapshot(base)
     prepared = prepare(random_delta(base, 0.05, seed=2), base)
     k = max(i for i, t in enumerate(prepared.idx) if t.numel() >= 10)  # the last sizeable one
     assert k > 0
@@ -116,11 +106,18 @@ def test_bad_index_in_a_later_tensor_leaves_nothing_written(base, kernel, backen
     with pytest.raises(IndexError, match=prepared.names[k].replace(".", r"\.")):
         sw.apply(broken)
     assert sw.active is None
-    assert same_bits(snapshot(base.params), original)
+    assert same_bits(snapshot(base), original)
+
+
+@pytest.fixture
+def two_threads():
+    """Real threads for the kernel's chunks (the suite runs on one: conftest)."""
+    with torch_threads(2):
+        yield
 
 
 @pytest.mark.parametrize("where", ["first chunk", "chunk seam", "second chunk", "none"])
-def test_kernel_undoes_every_chunk_when_it_runs_on_threads(kernel, where):
+def test_kernel_undoes_every_chunk_when_it_runs_on_threads(kernel, where, two_threads):
     """Straight on the kernel with a run long enough for two chunks (two threads): a bad index in
     either chunk, or an order broken exactly at the seam between them, is reported and every
     chunk's writes undone; a sound run is written and restored exactly."""
@@ -152,7 +149,7 @@ def test_kernel_undoes_every_chunk_when_it_runs_on_threads(kernel, where):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("where", ["none", "run starts at the index before it", "order broken in a run",
                                    "run crosses the tensor's end", "run of a tensor is one too long"])
-def test_kernel_writes_runs_of_consecutive_indices_as_single_entries(kernel, dtype, where):
+def test_kernel_writes_runs_of_consecutive_indices_as_single_entries(kernel, dtype, where, two_threads):
     """A structured mask (runs of consecutive indices, which the kernel writes as blocks) gives
     the bits of torch's gather-add-scatter; a bad index in or at the edge of a run is reported at
     its own position and every write undone, on one thread or on two (the run is long enough for
@@ -225,13 +222,13 @@ def test_without_a_compiler_the_swap_falls_back_to_torch_ops(tiny_bert, tmp_path
         assert sw.backend == "torch"
         with pytest.raises(SwapError, match="not available"):
             Swapper(tiny_bert, backend="kernel")
-        original = snapshot(tiny_bert.params)
+        original = snapshot(tiny_bert)
         prepared = prepare(random_delta(tiny_bert, 0.05, seed=9, scale=0.5), tiny_bert)
-        merged = snapshot(tiny_bert.params)
+        merged = snapshot(tiny_bert)
         merge_into(merged, prepared)
         with sw.swapped(prepared):
-            assert same_bits(snapshot(tiny_bert.params), merged)
-        assert same_bits(snapshot(tiny_bert.params), original)
+            assert same_bits(snapshot(tiny_bert), merged)
+        assert same_bits(snapshot(tiny_bert), original)
     finally:
         _kernel.reset()  # the next Swapper loads the real kernel again (cache dir restored)
 

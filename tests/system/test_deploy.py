@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port
 from support_topology import LB_TEMPLATE, ROOT, render_lb_template
 
 from taskdelta.server.app import create_app
+from taskdelta.server.embedded import free_port
 from taskdelta.server.settings import Settings
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

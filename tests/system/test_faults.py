@@ -120,6 +120,11 @@ def answered(load: Load, kind: str, status: int, since: float) -> bool:
     return any(r.kind == kind and r.status == status and r.started > since for r in load.records)
 
 
+def since(load: Load, t: float) -> dict[str, Counter]:
+    """Statuses per kind of the requests started after `t` (for failure messages)."""
+    return {k: Counter(r.status for r in load.records if r.kind == k and r.started > t) for k in NORMAL}
+
+
 async def outage(redis_proc, how: str, url: str, load: Load) -> Outage:
     """Redis goes away and stays away until /readyz has said so, every client that needs Redis
     has been answered 503 while it was away (so each was answered without Redis, not held until
@@ -137,7 +142,9 @@ async def outage(redis_proc, how: str, url: str, load: Load) -> Outage:
         recheck_due = o.down_at + VERSION_CHECK_S
         while not (o.readyz_down and all(answered(load, k, 503, o.down_at) for k in NEED_REDIS)
                    and answered(load, "cached", 200, recheck_due)):
-            assert time.monotonic() - o.down_at < HANG_GUARD_S, f"no 503 for each kind: {how}"
+            assert not answered(load, "cached", 503, o.down_at), ("a cached task was refused", how,
+                                                                   since(load, o.down_at))
+            assert time.monotonic() - o.down_at < HANG_GUARD_S, (how, since(load, o.down_at))
             r = await c.get("/readyz")
             o.readyz_down.append((r.status_code, r.json()["redis"]))
             await asyncio.sleep(0.05)

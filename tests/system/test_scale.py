@@ -15,9 +15,10 @@ import httpx
 import pytest
 import redis
 import yaml
+from support import classify_delta
 from support_topology import COMPOSE, NginxProcess, ServerProcess, nginx_binary, upstreams_for, wait_until
 
-from taskdelta.deltas import dumps, load_base, random_delta
+from taskdelta.deltas import dumps, load_base
 from taskdelta.server.app import create_app
 from taskdelta.server.keys import Keys
 from taskdelta.server.settings import Settings
@@ -29,10 +30,6 @@ REPLICA_ENV = {"TASKDELTA_API_KEYS": "acme:key-acme", "TASKDELTA_MAX_WAIT_MS": "
                "TASKDELTA_VERSION_CHECK_S": "600"}
 CHANGE_DEADLINE_S = 30  # a hang guard for "within the bound", not a latency claim
 UPSTREAM = "x-taskdelta-upstream"  # nginx: the replica(s) it passed the request to
-
-
-def classify_delta(base, seed: int, labels: tuple[str, ...]):
-    return random_delta(base, 0.01, seed=seed, kind="classify", labels=list(labels), scale=0.3)
 
 
 def labels_of(response: httpx.Response) -> set[str]:
@@ -117,7 +114,6 @@ def _check_changes_reach_the_other_replica(tiny_bert, a: ServerProcess, b: Serve
         assert ca.delete("/v1/tasks/t").status_code == 200
         wait_until(lambda: cb.post("/v1/tasks/t/classify", json={"texts": ["x"]}).status_code == 404,
                    CHANGE_DEADLINE_S, "B to answer 404 after A's delete")
-
 
 
 async def _load_with_kill(url: str, task: str, victim: ServerProcess,

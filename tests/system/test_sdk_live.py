@@ -9,7 +9,6 @@ httpx, or the bytes that were uploaded.
 from __future__ import annotations
 
 import asyncio
-import copy
 import hashlib
 import json
 import re
@@ -17,7 +16,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from support import KEYS, auth, merged_copy, settings_for
+from support import (
+    KEYS,
+    LONG,
+    N_TOKENS,
+    PAIRS,
+    PROMPT,
+    TEXTS,
+    auth,
+    frozen_copy,
+    generate_offline,
+    merged_copy,
+    sdk,
+)
 
 from taskdelta.client import (
     APIStatusError,
@@ -36,46 +47,16 @@ from taskdelta.client import (
 from taskdelta.client.types import (
     ClassifyResponse,
     Ready,
-    SamplingParams,
     StreamChunk,
     TaskInfo,
     TaskList,
 )
 from taskdelta.deltas import dumps, random_delta, save
-from taskdelta.server.app import create_app
-from taskdelta.server.inference import classify, embed, generate, render_chat
-from taskdelta.server.jobs import ClassifyJob, EmbedJob, GenerateJob
+from taskdelta.server.inference import classify, embed, render_chat
+from taskdelta.server.jobs import ClassifyJob, EmbedJob
 
-TEXTS = ["a fine film", "the worst thing I have seen", "ok"]
-PAIRS = [("a man plays a guitar", "someone makes music"), ("it rains", "the sun is out")]
-PROMPT = "hello there"
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-N_TOKENS = 12
-LONG = 240  # tokens: the prompt still fits the tiny model's 256 positions
 HEAVY = ["word " * 200] * 32  # one embed request that keeps the single worker busy a while
-
-
-@pytest.fixture
-def serve(redis_proc, tmp_path, live_server):
-    """`with serve(base, **settings) as srv:` a live server over this test's redis-server."""
-    def start(base, **over):
-        return live_server(create_app(settings_for(redis_proc.url, tmp_path, **over), base=base))
-    return start
-
-
-def sdk(srv, tenant: str = "acme", cls=Client, **kw):
-    return cls(srv.url, api_key=KEYS[tenant], **kw)
-
-
-def frozen_copy(base):
-    """The base as it is now, with its own model and tokenizer: offline reference runs never
-    race the server's worker thread (which swaps deltas into the live tensors)."""
-    clone = copy.copy(base)
-    clone.model = copy.deepcopy(base.model)
-    clone.tokenizer = copy.deepcopy(base.tokenizer)
-    clone.params = dict(clone.model.named_parameters())
-    clone.__dict__.pop("numel", None)
-    return clone
 
 
 # --- offline references --------------------------------------------------------------------------
@@ -88,12 +69,6 @@ def classify_offline(base, delta, texts) -> list[dict]:
 def embed_offline(base, delta, texts, normalize: bool) -> list[list[float]]:
     model = merged_copy(frozen_copy(base), delta)[0] if delta is not None else frozen_copy(base)
     return embed(model.backbone, model.tokenizer, [EmbedJob(tuple(texts), normalize)])[0]
-
-
-def generate_offline(base, delta, prompt: str, **params):
-    model = merged_copy(frozen_copy(base), delta)[0] if delta is not None else frozen_copy(base)
-    job = GenerateJob(prompt=prompt, params=SamplingParams(max_new_tokens=N_TOKENS, **params))
-    return generate(model.model, model.tokenizer, job)
 
 
 def assert_classified(got: ClassifyResponse, want: list[dict]) -> None:
