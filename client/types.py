@@ -131,6 +131,7 @@ class GenerateResponse(_Response):
     text: str
     finish_reason: Literal["stop", "length"]
     usage: Usage
+    logprobs: list[TokenLogprob] | None = None  # when the request asked for them
 
 
 class TopLogprob(_Response):

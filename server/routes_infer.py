@@ -78,7 +78,7 @@ async def generate(task: TaskName, body: GenerateRequest, request: Request, stat
         return StreamingResponse(sse(chunks, request_id(request)), media_type="text/event-stream")
     g = await run_job(request, state, ref, GenerateJob(prompt=prompt, params=params))
     return GenerateResponse(task=task, version=g.version, text=g.text,
-                            finish_reason=g.finish_reason, usage=usage_of(g))
+                            finish_reason=g.finish_reason, usage=usage_of(g), logprobs=g.logprobs)
 
 
 async def sse(chunks: AsyncIterator[StreamChunk], rid: str | None) -> AsyncIterator[str]:

@@ -158,7 +158,8 @@ def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> in
     probs = (logits / p.temperature).softmax(-1)
     if p.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < p.top_p  # always keeps the most likely token
+        keep = sorted_p.cumsum(-1) - sorted_p < p.top_p
+        keep[0] = True  # the most likely token, whatever top_p (a float32 5e-324 is 0)
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=gen))
 

@@ -361,3 +361,19 @@ async def test_generations_of_many_tasks_match_each_merged_model(llama, mixed):
     assert [g.text for g in served] == want
     assert (max(runs) > 1) == mixed, "mixed decode steps iff the mode is on"
     assert_bit_identical(llama, saved)
+
+
+def test_sampling_keeps_the_most_likely_token_whatever_top_p(llama):
+    """top_p of 5e-324 is 0 in float32: the nucleus must still hold the most likely token."""
+    g = generate(llama.model, llama.tokenizer,
+                 job("hello", max_new_tokens=4, temperature=1.997, top_p=5e-324, seed=1))
+    greedy = generate(llama.model, llama.tokenizer, job("hello", max_new_tokens=4))
+    assert g.text == greedy.text  # a nucleus of one token is greedy decoding
+
+
+def test_logprobs_are_the_chosen_tokens_log_probabilities(llama):
+    g = generate(llama.model, llama.tokenizer, job("hello", max_new_tokens=3, logprobs=2))
+    assert g.logprobs is not None and len(g.logprobs) == g.completion_tokens == 3
+    for entry in g.logprobs:
+        assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 2
+        assert entry["logprob"] == pytest.approx(entry["top_logprobs"][0]["logprob"])  # greedy
