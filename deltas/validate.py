@@ -10,6 +10,9 @@ from .format import FORMAT_VERSION, SparseTensor, TaskDelta
 from .heads import head_spec
 
 INT32_LIMIT = 2**31
+# Entries per vectorised check: an upload's checks allocate in proportion to this, not to the
+# delta (its peak memory is bounded by twice its body; tests/server/test_uploads_bounded.py).
+CHECK_BLOCK = 1 << 18
 FLOAT_WIDTH = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.float64: 8}
 # Bump when `validate` refuses something it accepted before: a delta stamped as validated under
 # older rules (see `stamp`) is then checked in full again.
@@ -93,10 +96,13 @@ def check_indices(name: str, idx: torch.Tensor, target: torch.Tensor) -> None:
     if hi >= target.numel():
         raise DeltaRejected(f"index {hi} out of range for a tensor of {target.numel()} entries "
                             f"(shape {tuple(target.shape)})", name)
-    steps = idx[1:] - idx[:-1]
-    if steps.numel() and int(steps.min()) <= 0:
-        at = int(torch.nonzero(steps <= 0)[0]) + 1
-        what = "repeated" if int(steps[at - 1]) == 0 else "unsorted"
+    for start in range(0, idx.numel() - 1, CHECK_BLOCK):  # temporaries of one block at a time
+        part = idx[start:start + CHECK_BLOCK + 1]
+        steps = part[1:] - part[:-1]
+        if int(steps.min()) > 0:
+            continue
+        at = start + int(torch.nonzero(steps <= 0)[0]) + 1
+        what = "repeated" if int(idx[at]) == int(idx[at - 1]) else "unsorted"
         raise DeltaRejected(f"{what} index {int(idx[at])} at position {at} (indices must be "
                             "strictly increasing)", name)
 
@@ -129,9 +135,12 @@ def _at_least_as_wide(have: torch.dtype, base: torch.dtype) -> bool:
 def _check_finite(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
     """Finite in `dtype`, the dtype the swap computes in (a wider value can overflow there)."""
     flat = t.reshape(-1)
-    bad = ~torch.isfinite(flat.to(dtype))  # a cast keeps NaN and inf, and turns overflow into inf
-    if bool(bad.any()):
-        at = int(torch.nonzero(bad)[0])
+    for start in range(0, flat.numel(), CHECK_BLOCK):  # temporaries of one block at a time
+        part = flat[start:start + CHECK_BLOCK]
+        bad = ~torch.isfinite(part.to(dtype))  # a cast keeps NaN and inf, turns overflow into inf
+        if not bool(bad.any()):
+            continue
+        at = start + int(torch.nonzero(bad)[0])
         value = float(flat[at])
         what = "non-finite value" if not torch.isfinite(flat[at]) else f"value overflows {dtype}:"
         raise DeltaRejected(f"{what} {value} at position {at}", name)

@@ -31,6 +31,8 @@ from .keys import Keys
 
 log = logging.getLogger("taskdelta.store")
 _READ_BATCH_BYTES = 64 * 1024 * 1024  # one MGET asks for about this much
+_WRITE_PIECE_BYTES = 1024 * 1024  # one SET or APPEND of a chunk carries at most this much
+_WRITE_BATCH_BYTES = 2 * 1024 * 1024  # one pipeline of them carries about this much
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
@@ -280,15 +282,31 @@ class RedisStore:
         return StoredTask(tenant, name, version, fields)
 
     async def _write_chunks(self, tenant: str, name: str, version: int, blob: bytes) -> list[str]:
+        """Each chunk as a SET of its first piece and APPENDs of the rest, a pipeline of about
+        `_WRITE_BATCH_BYTES` at a time: the client joins a pipeline's commands into one buffer
+        (and the socket transport may buffer it again), so writing a whole blob in one pipeline
+        would hold two more copies of it."""
         count = max(1, math.ceil(len(blob) / self.chunk_bytes))
         chunk_keys = self.keys.chunks(tenant, name, version, count)
-        view = memoryview(blob)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for i, key in enumerate(chunk_keys):
-                part = view[i * self.chunk_bytes:(i + 1) * self.chunk_bytes]
-                pipe.set(key, part, ex=self._pending_ttl_s)
-            await pipe.execute()
+        writes = list(self._chunk_writes(chunk_keys, memoryview(blob)))
+        per_batch = max(1, _WRITE_BATCH_BYTES // _WRITE_PIECE_BYTES)
+        for at in range(0, len(writes), per_batch):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, first, piece in writes[at:at + per_batch]:
+                    if first:
+                        pipe.set(key, piece, ex=self._pending_ttl_s)
+                    else:
+                        pipe.append(key, piece)  # keeps the key's TTL
+                await pipe.execute()
         return chunk_keys
+
+    def _chunk_writes(self, chunk_keys: list[str],
+                      view: memoryview) -> Iterator[tuple[str, bool, memoryview]]:
+        """(key, is its first piece, piece) for every piece of every chunk, in order."""
+        for i, key in enumerate(chunk_keys):
+            chunk = view[i * self.chunk_bytes:(i + 1) * self.chunk_bytes]
+            for at in range(0, max(1, len(chunk)), _WRITE_PIECE_BYTES):
+                yield key, at == 0, chunk[at:at + _WRITE_PIECE_BYTES]
 
     async def _commit(self, req: _PutRequest, fields: dict[str, str], version: int,
                       chunk_keys: list[str]) -> tuple[str, str]:
