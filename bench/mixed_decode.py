@@ -12,6 +12,11 @@ plain step's, `throughput` its inverse (the issue's ratio against the base batch
 The first mixed step of a new batch composition also builds its plan (per module, the tasks'
 arguments); later steps of the same composition reuse it. `plan` is that one-off cost.
 
+A second table per batch size: 3/4 of the rows one task (t0), the rest other tasks, one each:
+every row corrected (kernel), or t0 swapped into the base and the other rows corrected against it
+(-Δt0 + their own Δ); that variant's time includes a swap and a restore per step (`swap +
+restore`, measured alone, is what an engine keeping t0 swapped across steps saves).
+
     python bench/mixed_decode.py
     python bench/mixed_decode.py --rows 8 32 --repeat 9 --threads 2
 """
@@ -23,18 +28,36 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
-from taskdelta.deltas import Base, _mixed_kernel, load_base, prepare, random_delta  # noqa: E402
+from taskdelta.deltas import (  # noqa: E402
+    Base,
+    PreparedDelta,
+    Swapper,
+    _mixed_kernel,
+    load_base,
+    prepare,
+    random_delta,
+)
 from taskdelta.deltas.mixed import MixedDelta, Mixer  # noqa: E402
 
 PROMPT = ("Write a short note to a colleague about the meeting on Thursday, the budget and the "
           "new hires, in a friendly tone, and add a list of three action items.")
+
+
+def swap_ms(swapper: Swapper, prepared: PreparedDelta, repeat: int) -> float:
+    took = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        with swapper.swapped(prepared):
+            pass
+        took.append(time.perf_counter() - started)
+    return statistics.median(took) * 1e3
 
 
 def mixers(base: Base) -> dict[str, Mixer]:
@@ -78,13 +101,12 @@ def timed_step(base: Base, step: dict, cache: object,
     return took
 
 
-def measure(base: Base, mixes: dict[str, Mixer], built: dict[str, list[MixedDelta]], rows: int,
-            args: argparse.Namespace) -> dict[str, float]:
+Variants = dict[str, Callable[[], AbstractContextManager]]
+
+
+def interleaved(base: Base, variants: Variants, rows: int, args: argparse.Namespace) -> dict:
+    """Median ms of one decode step per variant, the variants alternating in a rotating order."""
     step, cache = prefill(base, rows, args.prompt)
-    variants: dict[str, Callable[[], AbstractContextManager]] = {"plain": nullcontext}
-    for name, mixer in mixes.items():
-        segments = [(r, r + 1, built[name][r]) for r in range(rows)]  # one task a row
-        variants[f"mixed, {name}"] = lambda m=mixer, s=segments: m.mixing(s, rows)
     times: dict[str, list[float]] = {v: [] for v in variants}
     names = list(variants)
     for v in names:  # warm-up: first-call costs and the plans
@@ -92,18 +114,54 @@ def measure(base: Base, mixes: dict[str, Mixer], built: dict[str, list[MixedDelt
     for rep in range(args.repeat):
         for v in names[rep % len(names):] + names[:rep % len(names)]:
             times[v].append(timed_step(base, step, cache, variants[v]))
-    med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
-    for name, mixer in mixes.items():  # a new composition's plan
+    return {v: statistics.median(t) * 1e3 for v, t in times.items()}
+
+
+def distinct(mixes: dict[str, Mixer], built: dict[str, list[MixedDelta]], rows: int) -> Variants:
+    """Every row a different task, on each correction path."""
+    variants: Variants = {"plain": nullcontext}
+    for name, mixer in mixes.items():
         segments = [(r, r + 1, built[name][r]) for r in range(rows)]
-        plans = []
-        for _ in range(args.repeat):
-            mixer.forget_batch()
-            started = time.perf_counter()
-            with mixer.mixing(segments, rows):
-                pass
-            plans.append(time.perf_counter() - started)
-        med[f"plan, {name}"] = statistics.median(plans) * 1e3
-    return med
+        variants[f"mixed, {name}"] = lambda m=mixer, s=segments: m.mixing(s, rows)
+    return variants
+
+
+def hot(mixer: Mixer, built: list[MixedDelta], swapper: Swapper, prepared: PreparedDelta,
+        rows: int) -> Variants:
+    """3/4 of the rows one task (t0), the others one task each: all corrected, or t0 swapped in
+    (swap and restore inside the step's time) and the others corrected against it."""
+    many = rows - rows // 4
+    segments = [(0, many, built[0])] + [(r, r + 1, built[r - many + 1]) for r in range(many, rows)]
+
+    @contextmanager
+    def against_swap() -> Iterator[None]:
+        with swapper.swapped(prepared), mixer.mixing(segments, rows, swapped=built[0]):
+            yield
+
+    return {"plain": nullcontext, "mixed, kernel": lambda: mixer.mixing(segments, rows),
+            "t0 swapped in": against_swap}
+
+
+def plan_ms(mixer: Mixer, segments: list, rows: int, repeat: int) -> float:
+    """A new batch composition's plans (the next steps of the same composition reuse them)."""
+    took = []
+    for _ in range(repeat):
+        mixer.forget_batch()
+        started = time.perf_counter()
+        with mixer.mixing(segments, rows):
+            pass
+        took.append(time.perf_counter() - started)
+    return statistics.median(took) * 1e3
+
+
+def show(title: str, med: dict[str, float]) -> None:
+    print(f"\n{title}, load {os.getloadavg()[0]:.2f}")
+    print(f"{'':20} {'ms':>8} {'x plain':>8} {'throughput':>11}")
+    for name, ms in med.items():
+        if name in ("plain",) or not name.startswith(("plan", "swap")):
+            print(f"{name:20} {ms:8.2f} {ms / med['plain']:8.3f} {med['plain'] / ms:11.3f}")
+        else:
+            print(f"{name:20} {ms:8.2f}")
 
 
 def main() -> int:
@@ -127,16 +185,18 @@ def main() -> int:
           f"{prepared[0].nbytes / 2**20:.1f} MiB each; mixing form beyond it: "
           + ", ".join(f"{n} {mb:.1f} MiB" for n, mb in extra.items())
           + f") in {time.perf_counter() - started:.0f} s; torch threads {args.threads}")
+    swapper = Swapper(base)
     for rows in args.rows:
-        med = measure(base, mixes, {n: b[:rows] for n, b in built.items()}, rows, args)
-        print(f"\n{rows} rows x {rows} tasks, one decode step (KV {args.prompt}), medians of "
-              f"{args.repeat}, load {os.getloadavg()[0]:.2f}")
-        print(f"{'':20} {'ms':>8} {'x plain':>8} {'throughput':>11}")
-        for name, ms in med.items():
-            if name.startswith("plan"):
-                print(f"{name:20} {ms:8.2f}")
-            else:
-                print(f"{name:20} {ms:8.2f} {ms / med['plain']:8.3f} {med['plain'] / ms:11.3f}")
+        med = interleaved(base, distinct(mixes, built, rows), rows, args)
+        for name, mixer in mixes.items():
+            med[f"plan, {name}"] = plan_ms(mixer, [(r, r + 1, built[name][r]) for r in range(rows)],
+                                           rows, args.repeat)
+        show(f"{rows} rows x {rows} tasks, one decode step (KV {args.prompt}), medians of "
+             f"{args.repeat}", med)
+        med = interleaved(base, hot(mixes["kernel"], built["kernel"], swapper, prepared[0], rows),
+                          rows, args)
+        med["swap + restore"] = swap_ms(swapper, prepared[0], args.repeat)
+        show(f"{rows} rows: {rows - rows // 4} of t0, {rows // 4} of other tasks", med)
     for mixer in mixes.values():
         mixer.close()
     return 0

@@ -152,8 +152,9 @@ class Mixer:
         self._built: weakref.WeakKeyDictionary[PreparedDelta, MixedDelta] = weakref.WeakKeyDictionary()
         self._verdicts: weakref.WeakKeyDictionary[PreparedDelta, str | None] = (
             weakref.WeakKeyDictionary())
-        self._batch: Batch | None = None
-        self._last: tuple[tuple, Batch] | None = None  # the previous batch's plan (decode steps)
+        self._layers: tuple[Batch, ...] = ()  # inside a mixing context: 1, or 2 against a swap
+        self._last: tuple[tuple, tuple[Batch, ...]] | None = None  # the last batch's plans
+        self._negated: tuple[MixedDelta, MixedDelta] | None = None  # the swapped task's -Δ
         # built (or loaded) now, at startup, not on the first mixed batch
         kernel = (_mixed_kernel.load() if self._targets and base.device.type == "cpu"
                   and base.dtype == torch.float32 else None)
@@ -266,49 +267,114 @@ class Mixer:
     # -- running a mixed forward -----------------------------------------------------------------
 
     @contextmanager
-    def mixing(self, segments: Segments, rows: int) -> Iterator[None]:
+    def mixing(self, segments: Segments, rows: int,
+               swapped: MixedDelta | None = None) -> Iterator[None]:
         """Inside: forwards of `rows` rows apply each segment's corrections to its rows
-        [start, end) (segments in order, not overlapping; a None delta is the base)."""
-        tiles: Segments = []
-        at = 0
-        for a, b, m in segments:  # tile [0, rows): the gaps are base rows
-            if not at <= a <= b <= rows:  # the torch path would not notice; the kernels would
-                raise ValueError(f"segment [{a}, {b}) out of order or outside {rows} rows")
-            if a > at:
-                tiles.append((at, a, None))
-            tiles.append((a, b, m))
-            at = b
-        if at < rows:
-            tiles.append((at, rows, None))
-        key = (rows, *((a, b, id(m)) for a, b, m in tiles))
-        if self._last is None or self._last[0] != key:  # a decode step like the last: same plan
-            counts = torch.tensor([b - a for a, b, _ in tiles], device=self.base.device)
-            self._last = (key, Batch(tiles, rows, counts, _plans(tiles)))
-        self._batch = self._last[1]
+        [start, end) (segments in order, not overlapping; a None delta is the base).
+
+        `swapped`: the task whose delta is swapped into the base weights now (the Swapper). Its
+        rows get no correction; every other row, base rows included, gets -Δ(swapped) as well as
+        its own Δ: a batch mostly of one task can run with that task swapped in."""
+        tiles = _tiles(segments, rows)
+        key = (rows, id(swapped), *((a, b, id(m)) for a, b, m in tiles))
+        if self._last is None or self._last[0] != key:  # a decode step like the last: same plans
+            layers = [tiles]
+            if swapped is not None:
+                minus = self._minus(swapped)
+                layers = [[(a, b, None if m is swapped else minus) for a, b, m in tiles],
+                          [(a, b, None if m is swapped else m) for a, b, m in tiles]]
+            self._last = (key, tuple(self._layer(_merged(t), rows) for t in layers))
+        self._layers = self._last[1]
         try:
             yield
         finally:
-            self._batch = None
+            self._layers = ()
+
+    def _layer(self, tiles: Segments, rows: int) -> Batch:
+        counts = torch.tensor([b - a for a, b, _ in tiles], device=self.base.device)
+        return Batch(tiles, rows, counts, _plans(tiles))
+
+    def _minus(self, mixed: MixedDelta) -> MixedDelta:
+        """-Δ of the swapped-in task (kept while it stays the one swapped in: its increments'
+        bytes, the index runs and the torch path's CSR shared with `mixed`)."""
+        if self._negated is None or self._negated[0] is not mixed:
+            self._negated = (mixed, _negate(mixed))
+        return self._negated[1]
 
     def forget_batch(self) -> None:
-        """Drop the remembered plan of the last batch (it holds its tasks' corrections)."""
+        """Drop the remembered plans of the last batch (they hold its tasks' corrections)."""
         self._last = None
+        self._negated = None
 
     def _hook(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> Any:
-        batch = self._batch
-        if batch is None:
+        if not self._layers:
             return None
-        plan = batch.plans.get(name)
-        if plan is None:
+        plans = [(layer, layer.plans[name]) for layer in self._layers if name in layer.plans]
+        if not plans:
             return None
-        x = args[0]
-        if output.shape[0] != batch.rows:  # shared across rows ([1, seq] position ids): per row now
+        x, rows = args[0], self._layers[0].rows
+        if output.shape[0] != rows:  # shared across rows ([1, seq] position ids): per row now
             if output.shape[0] != 1:
-                raise RuntimeError(f"{name}: {output.shape[0]} output rows in a batch of {batch.rows}")
-            output = output.expand(batch.rows, *output.shape[1:]).contiguous()
-            x = x.expand(batch.rows, *x.shape[1:])
-        self._runs[name](batch, plan, module, x, output)
+                raise RuntimeError(f"{name}: {output.shape[0]} output rows in a batch of {rows}")
+            output = output.expand(rows, *output.shape[1:]).contiguous()
+            x = x.expand(rows, *x.shape[1:])
+        for layer, plan in plans:
+            self._runs[name](layer, plan, module, x, output)
         return output
+
+
+def _tiles(segments: Segments, rows: int) -> Segments:
+    """The segments and the gaps between them (base rows): in order, covering [0, rows)."""
+    tiles: Segments = []
+    at = 0
+    for a, b, m in segments:
+        if not at <= a <= b <= rows:  # the torch path would not notice; the kernels would
+            raise ValueError(f"segment [{a}, {b}) out of order or outside {rows} rows")
+        if a > at:
+            tiles.append((at, a, None))
+        tiles.append((a, b, m))
+        at = b
+    if at < rows:
+        tiles.append((at, rows, None))
+    return tiles
+
+
+def _merged(tiles: Segments) -> Segments:
+    """Neighbouring tiles of one delta as one (one kernel pass over its entries for all their
+    rows: the -Δ of a swapped-in task on the rows of every other task, say)."""
+    out: Segments = []
+    for a, b, m in tiles:
+        if out and out[-1][2] is m:
+            out[-1] = (out[-1][0], b, m)
+        else:
+            out.append((a, b, m))
+    return out
+
+
+def _negate(mixed: MixedDelta) -> MixedDelta:
+    """The same corrections with every increment negated (a tied ΔE stays one matrix)."""
+    done: dict[int, Any] = {}
+
+    def neg(t: SparseMatrix | torch.Tensor | None) -> Any:
+        if t is None:
+            return None
+        if id(t) not in done:
+            if isinstance(t, SparseMatrix):
+                m = SparseMatrix(t.idx, -t.val, t.shape)
+                if "csr" in t.__dict__:  # the torch path's index form: the same, not rebuilt
+                    m.__dict__["csr"] = t.csr
+                done[id(t)] = m
+            else:
+                done[id(t)] = -t
+        return done[id(t)]
+
+    fixes: dict[str, Fix] = {}
+    for name, f in mixed.fixes.items():
+        fixes[name] = (EmbeddingFix(neg(f.weight)) if isinstance(f, EmbeddingFix) else
+                       LinearFix(neg(f.weight), neg(f.bias)) if isinstance(f, LinearFix) else
+                       NormFix(neg(f.weight), neg(f.bias)))
+    return MixedDelta(name=f"-{mixed.name}", fixes=fixes, nbytes=sum(
+        t.val.nbytes if isinstance(t, SparseMatrix) else t.nbytes for t in done.values()))
 
 
 def _plans(tiles: Segments) -> dict[str, Plan]:

@@ -155,6 +155,28 @@ def test_mixed_prefill_and_decode_match_each_tasks_merged_model(mixer, tiny_llam
     assert worst <= LOGITS_ATOL
 
 
+def test_against_a_swapped_in_task_each_row_still_matches_its_merged_model(
+        mixer, tiny_llama, tiny_llama_dir):
+    """The batch's main task swapped into the base: its rows run the weights as they are, every
+    other row (base rows too) gets minus its delta and plus its own."""
+    made = llama_deltas(tiny_llama, count=3)
+    prepared = [prepare(d, tiny_llama, name=f"w{i}") for i, d in enumerate(made)]
+    mixed = [mixer.build(p) for p in prepared]
+    row_tasks = [0, 0, 1, None, 2, 0]
+    ids, mask = left_padded([4, 7, 5, 6, 3, 5], tiny_llama.config.pad_token_id, seed=4)
+    segments = segments_of(row_tasks, mixed)
+    with Swapper(tiny_llama).swapped(prepared[0]) as model:
+        got = greedy(model, ids, mask, 4,
+                     lambda: mixer.mixing(segments, len(row_tasks), swapped=mixed[0]))
+    plain = greedy(tiny_llama.model, ids, mask, 4)
+    worst = compare_rows(got, plain, [3], mask)
+    for t, d in enumerate(made):
+        rows = [r for r, task in enumerate(row_tasks) if task == t]
+        worst = max(worst, compare_rows(got, greedy(merged_model(tiny_llama_dir, d), ids, mask, 4),
+                                        rows, mask))
+    assert worst <= LOGITS_ATOL
+
+
 @torch.no_grad()
 def test_prefill_keeping_only_the_last_logits_corrects_that_position(mixer, tiny_llama,
                                                                       tiny_llama_dir):
