@@ -25,9 +25,11 @@ $(VENV)/.installed: pyproject.toml
 serve: install
 	$(VENV)/bin/taskdelta serve --no-auth
 
+# a kernel that fails to compile fails the tests (deltas/_build.py), never skips them; the suite
+# includes the kernels' AddressSanitizer run (tests/deltas/test_kernel_safety.py, needs gcc's libasan)
 test: install
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -rs
+	TASKDELTA_REQUIRE_KERNELS=1 $(PY) -m pytest -q -rs
 
 test-quick: install
 	$(PY) -m pytest -q -m "not slow"
