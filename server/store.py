@@ -253,6 +253,7 @@ class RedisStore:
         # old metadata just before it still finds them; 0 deletes them at once.
         self._grace_ms = round(superseded_grace_s * 1000)
         self._attempts = attempts  # retries when a task changes under a read or a switch
+        self._durability_checked = False
         self._redis = connect(url, socket_timeout_s, connect_timeout_s)
         self._switch = self._redis.register_script(_SWITCH)
         self._delete = self._redis.register_script(_DELETE)
@@ -266,6 +267,7 @@ class RedisStore:
         `if_match` is not the current version or a quota would be exceeded. Of two puts racing
         without if_match, the one with the higher version wins, whatever order they finish in."""
         fields = _blob_fields(info, blob)
+        await self._warn_if_not_durable()
         req = _PutRequest(tenant, name, len(blob), if_match, max_tasks, max_bytes)
         with _unavailable(f"storing task {name!r}"):
             await self._redis.sadd(self.keys.tenants(), tenant)
@@ -458,6 +460,32 @@ class RedisStore:
         finally:
             with contextlib.suppress(RedisError, RedisClusterException, OSError):
                 await pubsub.aclose()
+
+    async def durability_gap(self) -> str | None:
+        """Why an acknowledged write might not be on disk yet, or None: Redis answers a write
+        after fsyncing it only with `appendonly yes` and `appendfsync always`. None too when
+        Redis does not let us look (CONFIG disabled, a managed service): nothing is known."""
+        try:
+            got = await self._redis.config_get("append*")
+        except (RedisError, RedisClusterException, OSError):
+            return None
+        if not isinstance(got, dict) or not isinstance(got.get("appendonly"), str):
+            return None  # a cluster answers per node: not checked here
+        if got.get("appendonly") != "yes":
+            return "Redis runs without an append-only file (appendonly no)"
+        if got.get("appendfsync", "always") != "always":
+            return f"Redis fsyncs its append-only file {got['appendfsync']!r}, not 'always'"
+        return None
+
+    async def _warn_if_not_durable(self) -> None:
+        """Once, at the first upload: the promise that an acknowledged upload survives a crash
+        holds only when Redis fsyncs every write (SECURITY.md); say so loudly when it does not."""
+        if self._durability_checked:
+            return
+        self._durability_checked = True
+        if gap := await self.durability_gap():
+            log.warning("acknowledged uploads may be lost if Redis or its host crashes: %s. Run "
+                        "Redis with --appendonly yes --appendfsync always", gap)
 
     async def ping(self) -> bool:
         try:
