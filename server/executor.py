@@ -24,7 +24,7 @@ from taskdelta.deltas.mixed import MixedDelta, Mixer
 
 from .inference import MixedPart, classify, classify_mixed, embed, embed_mixed
 from .jobs import ClassifyJob, EmbedJob, Job
-from .kv import DecodeGroup, Owner, Prefilled, cache_argument
+from .kv import DecodeGroup, Owner, cache_argument, owner_runs
 from .sequences import Sequence
 
 
@@ -107,11 +107,11 @@ class Executor:
                 report.encoded = self.encode(plan.encode)
             except Exception as exc:  # the micro-batch fails; the step goes on
                 report.encode_error = exc
-        for work, tokens in plan.prefill:
+        for works, tokens in _prefill_batches(plan.prefill):
             try:
-                self.prefill(work, tokens, report)
+                self.prefill(works, tokens, report)
             except Exception as exc:
-                report.prefill_errors.append((work, exc))
+                report.prefill_errors += [(w, exc) for w in works]
         for group, prepared in plan.decode:
             try:
                 self.decode(group, prepared, report)
@@ -178,35 +178,53 @@ class Executor:
     # -- generation ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def prefill(self, work: Prefill, tokens: int, report: StepReport) -> None:
-        """Read up to `tokens` more prompt tokens into the sequence's cache; at the end of the
-        prompt pick its first token and move it into its decode group."""
-        seq = work.seq
-        if seq.cancel_requested():
-            seq.finish = seq.finish or "stop"
-            report.finished.append(seq)
+    def prefill(self, works: list[Prefill], tokens: int, report: StepReport) -> None:
+        """Read prompt tokens into the caches: one sequence's next `tokens` (a long prompt, in
+        chunks), or several whole prompts of one decode group in one left-padded forward. A
+        sequence whose prompt is read picks its first token and joins its decode group."""
+        for work in [w for w in works if w.seq.cancel_requested()]:
+            work.seq.finish = work.seq.finish or "stop"
+            report.finished.append(work.seq)
+        works = sorted((w for w in works if not w.seq.done), key=_owner_rank(works))
+        if not works:
             return
         model = self.swapper.task_model
         device = _device(model)
-        if work.cache is None:
-            work.cache = DynamicCache(config=model.config)
-        start, end = seq.prefilled, min(len(seq.prompt), seq.prefilled + max(1, tokens))
-        ids = torch.tensor([seq.prompt[start:end]], device=device)
-        positions = torch.arange(start, end, device=device)[None, :]
-        owner = (work.key, work.prepared)
-        with self._weights_for([(0, 1, owner)], 1, alone=not self._others_live(work)):
-            out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
-                        **{self._cache_arg: work.cache})
-        seq.prefilled = end
-        if end < len(seq.prompt):
+        start = works[0].seq.prefilled  # 0 unless one long prompt is read in chunks
+        prompts = [w.seq.prompt[start:start + max(1, tokens)] for w in works]
+        width = max(map(len, prompts))
+        pads = [width - len(p) for p in prompts]
+        ids = torch.tensor([[0] * pad + p for pad, p in zip(pads, prompts, strict=True)], device=device)
+        mask = (torch.arange(width)[None, :] >= torch.tensor(pads)[:, None]).long().to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + start  # [rows, width]
+        cache = works[0].cache if start else DynamicCache(config=model.config)
+        runs = owner_runs([(w.key, w.prepared) for w in works])
+        alone = len(runs) == 1 and not self._others_live(works[0])
+        with self._weights_for(runs, len(works), alone=alone):
+            out = model(input_ids=ids, attention_mask=mask if any(pads) else None,
+                        position_ids=positions, use_cache=True, logits_to_keep=1,
+                        **{self._cache_arg: cache})
+        for work, prompt in zip(works, prompts, strict=True):
+            work.seq.prefilled = start + len(prompt)
+        if works[0].seq.prefilled < len(works[0].seq.prompt):
+            works[0].cache = cache  # one long prompt: more chunks to come
             return
-        token = seq.pick(out.logits[0, -1].float())
-        seq.push(token)
-        if seq.done:
-            report.finished.append(seq)
-        else:
-            work.group.join(Prefilled(seq, work.cache), token, owner)
-        work.cache = None
+        self._first_tokens(works, DecodeGroup.of([w.seq for w in works], cache, pads, [0] * len(works),
+                                                 [(w.key, w.prepared) for w in works]),
+                           out.logits[:, -1].float(), report)
+
+    def _first_tokens(self, works: list[Prefill], block: DecodeGroup, logits: torch.Tensor,
+                      report: StepReport) -> None:
+        """Each prefilled row's first token; the rows still going join their decode group."""
+        for i, work in enumerate(works):
+            token = work.seq.pick(logits[i])
+            work.seq.push(token)
+            block.next_ids[i] = token
+            if work.seq.done:
+                report.finished.append(work.seq)
+            work.cache = None
+        block.keep([i for i, w in enumerate(works) if not w.seq.done])
+        works[0].group.join(block)
 
     @torch.no_grad()
     def decode(self, group: DecodeGroup, prepared: PreparedDelta | None, report: StepReport) -> None:
@@ -251,6 +269,28 @@ class Executor:
     def _others_live(work: Prefill) -> bool:
         """Whether the mixed group this sequence joins decodes rows of another delta."""
         return work.group.mixed and any(p is not work.prepared for _, p in work.group.owners)
+
+
+def _prefill_batches(planned: list[tuple[Prefill, int]]) -> list[tuple[list[Prefill], int]]:
+    """Whole prompts bound for one decode group go in one forward; a prompt read in chunks (it
+    started before, or does not end this step) goes alone."""
+    batches: dict[int, list[Prefill]] = {}
+    alone: list[tuple[list[Prefill], int]] = []
+    for work, tokens in planned:
+        whole = work.seq.prefilled == 0 and tokens >= len(work.seq.prompt)
+        if whole:
+            batches.setdefault(id(work.group), []).append(work)
+        else:
+            alone.append(([work], tokens))
+    return [(works, max(len(w.seq.prompt) for w in works)) for works in batches.values()] + alone
+
+
+def _owner_rank(works: list[Prefill]):
+    """Sort key that puts the works of one delta next to each other (first appearance order)."""
+    rank: dict[int, int] = {}
+    for w in works:
+        rank.setdefault(id(w.prepared), len(rank))
+    return lambda w: rank[id(w.prepared)]
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -12,7 +12,6 @@ cut off. Only the engine's worker thread touches these tensors.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,14 +35,6 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * layers * heads * head_dim * torch.tensor([], dtype=dtype).element_size()
-
-
-@dataclass
-class Prefilled:
-    """A sequence whose prompt is in its own cache [1, heads, len, dim], ready to join a group."""
-
-    seq: Sequence
-    cache: DynamicCache
 
 
 class DecodeGroup:
@@ -76,17 +67,23 @@ class DecodeGroup:
 
     def runs(self) -> list[tuple[int, int, Owner]]:
         """(start, end, owner) of each run of rows with the same delta."""
-        out: list[tuple[int, int, Owner]] = []
-        for i, owner in enumerate(self.owners):
-            if out and out[-1][2][1] is owner[1]:
-                out[-1] = (out[-1][0], i + 1, owner)
-            else:
-                out.append((i, i + 1, owner))
-        return out
+        return owner_runs(self.owners)
 
-    def join(self, new: Prefilled, first_token: int, owner: Owner = ("", None)) -> None:
-        """Add a prefilled sequence as a new row; `first_token` is fed at the next step."""
-        own, old = new.cache.get_seq_length(), self.length
+    @classmethod
+    def of(cls, seqs: list[Sequence], cache: DynamicCache, pads: list[int], next_ids: list[int],
+           owners: list[Owner]) -> DecodeGroup:
+        """Rows just prefilled together (their cache left-padded by `pads`)."""
+        group = cls()
+        group.rows, group.cache, group.pads = list(seqs), cache, list(pads)
+        group.next_ids, group.owners = list(next_ids), list(owners)
+        return group
+
+    def join(self, new: DecodeGroup) -> None:
+        """Add another group's rows (prefilled sequences) after ours; they decode from the next
+        step on. The narrower cache is padded on the left to the wider one's length."""
+        if not new.rows:
+            return
+        own, old = new.length, self.length
         width = max(old, own)
         if self.cache is None:
             self.cache = new.cache
@@ -95,15 +92,15 @@ class DecodeGroup:
                 mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
                 mine.values = torch.cat([_pad_left(mine.values, width),
                                          _pad_left(theirs.values, width)])
-        self.pads = [p + width - old for p in self.pads] + [width - own]
-        self.rows.append(new.seq)
-        self.owners.append(owner)
-        self.next_ids.append(first_token)
+        self.pads = [p + width - old for p in self.pads] + [p + width - own for p in new.pads]
+        self.rows += new.rows
+        self.owners += new.owners
+        self.next_ids += new.next_ids
         if self.mixed:
             self._regroup()
 
     def _regroup(self) -> None:
-        """Rows of one delta next to each other (the new row moves up to its task's rows)."""
+        """Rows of one delta next to each other (new rows move up to their task's rows)."""
         rank: dict[int, int] = {}
         for owner in self.owners:
             rank.setdefault(id(owner[1]), len(rank))
@@ -112,7 +109,7 @@ class DecodeGroup:
 
     def keep(self, keep: list[int]) -> None:
         """Only these rows stay (in this order); columns every row pads are cut."""
-        if keep == list(range(len(self.rows))):
+        if keep == list(range(len(self.rows))) and (not self.pads or min(self.pads) == 0):
             return
         if not keep:
             self.rows, self.owners, self.pads, self.next_ids, self.cache = [], [], [], [], None
@@ -138,6 +135,17 @@ class DecodeGroup:
         return {"input_ids": torch.tensor(self.next_ids, device=device)[:, None],
                 "attention_mask": mask.to(device), "position_ids": positions.to(device),
                 cache_arg: self.cache, "use_cache": True}
+
+
+def owner_runs(owners: list[Owner]) -> list[tuple[int, int, Owner]]:
+    """(start, end, owner) of each run of consecutive rows with the same delta."""
+    out: list[tuple[int, int, Owner]] = []
+    for i, owner in enumerate(owners):
+        if out and out[-1][2][1] is owner[1]:
+            out[-1] = (out[-1][0], i + 1, owner)
+        else:
+            out.append((i, i + 1, owner))
+    return out
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -47,7 +47,7 @@ class Limits:
     request_timeout_s: float = 60.0
     max_live_sequences: int = 64
     kv_cache_bytes: int = 2 * 1024**3
-    prefill_tokens: int = 256  # prompt tokens read per step
+    prefill_tokens: int = 512  # prompt tokens read per step
 
 
 @dataclass(frozen=True)

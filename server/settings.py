@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     max_live_sequences: int = Field(64, ge=1, le=1024, description="Generations decoding at once")
     kv_cache_bytes: int = Field(2 * 1024**3, ge=1024 * 1024, description="KV cache budget of the "
                                 "live generations; a generation that does not fit waits")
-    prefill_tokens: int = Field(256, ge=16, description="Prompt tokens read per step (long "
+    prefill_tokens: int = Field(512, ge=16, description="Prompt tokens read per step (long "
                                 "prompts in chunks, so a step stays short)")
     max_queue: int = Field(256, ge=1, description="Per-task queue bound; full -> 429")
     max_queued_total: int = Field(4096, ge=1, description="All queues together; full -> 429")
