@@ -9,6 +9,8 @@ helpers it needs: how many tokens a classify/embed text takes, and a `Sequence` 
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Callable
 
 from taskdelta.deltas import Base
@@ -47,6 +49,10 @@ class Engine:
         mixer = Mixer(base) if settings.mixed_batches else None
         self.executor = Executor(base, mixer, on_swap=on_swap, grow_cache=self.registry.grow)
         model = base.model
+        # the request side's own tokenizer, one call at a time: a fast tokenizer's padding and
+        # truncation settings are state, and the worker thread uses the base's at the same time
+        self._front = copy.deepcopy(base.tokenizer)
+        self._front_lock = threading.Lock()
         self._positions = getattr(model.config, "max_position_embeddings", None) or 4096
         self._eos = eos_ids(model, base.tokenizer) if base.is_causal_lm else set()
         self._limit = max_tokens(model)
@@ -57,12 +63,14 @@ class Engine:
                                    on_batch=on_batch, on_mixed=on_mixed)
 
     def measure(self, job: Job) -> list[int]:
-        return measure(self.base.tokenizer, job, self._limit)
+        with self._front_lock:
+            return measure(self._front, job, self._limit)
 
     def new_sequence(self, job: GenerateJob) -> Sequence:
-        tokenizer = self.base.tokenizer
-        ids = prompt_ids(tokenizer, job.prompt, self._positions)
-        return Sequence(job, ids, self._positions, tokenizer, self._eos, self.base.device)
+        with self._front_lock:
+            ids = prompt_ids(self._front, job.prompt, self._positions)
+        # the sequence decodes its text in the worker thread, with the base's tokenizer
+        return Sequence(job, ids, self._positions, self.base.tokenizer, self._eos, self.base.device)
 
     def close(self) -> None:
         """Put the exact base back and take the mixer's hooks off (shutdown, tests)."""

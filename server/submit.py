@@ -53,6 +53,7 @@ async def start_stream(state: AppState, ref: TaskRef, job_args: dict) -> AsyncIt
 
 async def _chunks(work: asyncio.Future, queue: asyncio.Queue, job: GenerateJob
                   ) -> AsyncIterator[StreamChunk]:
+    getter: asyncio.Future | None = None
     try:
         while True:
             getter = asyncio.ensure_future(queue.get())
@@ -74,6 +75,8 @@ async def _chunks(work: asyncio.Future, queue: asyncio.Queue, job: GenerateJob
                 raise result
             return
     finally:
+        if getter is not None and not getter.done():
+            getter.cancel()  # the client left mid-wait: no task left pending
         job.cancelled.set()
         if not work.done():
             work.cancel()
