@@ -10,7 +10,9 @@ import copy
 import hashlib
 import json
 import os
+import re
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -167,6 +169,28 @@ def generate_offline(base, delta, prompt: str, **params):
     return generate(model.model, model.tokenizer, job)
 
 
+@contextmanager
+def slow_decode_step(base, after_tokens: int, hold_s: float) -> Iterator[None]:
+    """Inside the block, each generation's decode step number `after_tokens` + 1 takes `hold_s`
+    longer: a deadline shorter than `hold_s` passes mid-stream whatever the machine's speed (the
+    first tokens are out by then). A prefill (more than one input position) starts the count."""
+    decoded = [0]
+
+    def hold(module, args) -> None:
+        if args[0].shape[-1] > 1:  # [batch, positions]: a prefill, a new generation
+            decoded[0] = 0
+            return
+        decoded[0] += 1
+        if decoded[0] == after_tokens:
+            time.sleep(hold_s)  # a slow step, not a synchronisation
+
+    handle = base.model.get_input_embeddings().register_forward_pre_hook(hold)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 # --- delta files ----------------------------------------------------------------------------------
 
 def delta_meta(**over: object) -> DeltaMeta:
@@ -285,3 +309,21 @@ class MemoryStore:
     async def current_version(self, tenant: str, name: str) -> int | None:
         got = self.tasks.get((tenant, name))
         return got[0].version if got else None
+
+
+# --- command-line output --------------------------------------------------------------------------
+
+def assert_one_line_error(result, *parts: str, code: int = 1, regex: bool = False) -> str:
+    """The command exited with `code` and said why in exactly one `error: ...` line on stderr,
+    containing every part (each a regular expression where `regex`), with no traceback. `result`
+    is a CliRunner result or a CompletedProcess; the line is returned."""
+    status = result.exit_code if hasattr(result, "exit_code") else result.returncode
+    assert status == code, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    if hasattr(result, "exception"):  # CliRunner: the command exited, it did not raise
+        assert isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for part in parts:
+        assert (re.search(part, lines[0]) if regex else part in lines[0]), (part, lines[0])
+    return lines[0]

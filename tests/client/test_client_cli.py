@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import CLASSIFIED, STORY, TASK, sse
+from support import CLASSIFIED, STORY, TASK, assert_one_line_error, sse
 from typer.testing import CliRunner
 
 from taskdelta.client import Client, cli
@@ -58,17 +58,6 @@ def err(status: int, type_: str, message: str, rid: str = "req-42") -> httpx.Res
     return httpx.Response(status, json={"error": {"type": type_, "message": message,
                                                   "request_id": rid}},
                           headers={"x-request-id": rid})
-
-
-def assert_one_line_error(result, *parts: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    for part in parts:
-        assert part in lines[0]
-    assert "Traceback" not in result.output + result.stderr and result.exception is not None
-    assert isinstance(result.exception, SystemExit)
 
 
 # --- tasks ---------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import assert_one_line_error
 from typer.testing import CliRunner
 
 from taskdelta.deltas import dumps, extract, load, load_finetuned, random_delta, validate
@@ -21,16 +22,6 @@ runner = CliRunner()
 
 def run(*args: str):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, contains: str) -> None:
-    """Exit 2; stderr is exactly one line, 'error: ...' naming the problem; no traceback."""
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and contains in lines[0], lines[0]
-    assert "Traceback" not in result.output
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
 
 
 def same_tensors(a, b) -> bool:
@@ -143,40 +134,40 @@ def test_extract_writes_what_the_library_extracts(tiny_bert, tiny_bert_dir, ft_d
 
 def test_inspect_errors(tmp_path, delta_file):
     missing = tmp_path / "a" / "very" / ("long-directory-name-" * 4) / "missing.safetensors"
-    assert_one_line_error(run("inspect", missing), "No such file or directory")
+    assert_one_line_error(run("inspect", missing), "No such file or directory", code=2)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x07" * 100)
-    assert_one_line_error(run("inspect", garbage), "over the limit")
+    assert_one_line_error(run("inspect", garbage), "over the limit", code=2)
     pickled = tmp_path / "pickled.safetensors"
     pickled.write_bytes(pickle.dumps({"w::idx": [1, 2, 3]}))
-    assert_one_line_error(run("inspect", pickled), "header claims")
+    assert_one_line_error(run("inspect", pickled), "header claims", code=2)
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(delta_file.read_bytes()[:-10])
-    assert_one_line_error(run("inspect", truncated), "truncated file")
+    assert_one_line_error(run("inspect", truncated), "truncated file", code=2)
 
 
 def test_extract_errors(tiny_bert_dir, ft_dir, tmp_path):
     out = tmp_path / "x.safetensors"
     common = ("--finetuned", ft_dir, "-o", out)
     assert_one_line_error(run("extract", "--base", tiny_bert_dir, *common, "--density", "0"),
-                          "density must be in (0, 1]")
+                          "density must be in (0, 1]", code=2)
     assert_one_line_error(run("extract", "--base", tiny_bert_dir, *common, "--scope", "local"),
-                          "--scope must be global or per-tensor")
+                          "--scope must be global or per-tensor", code=2)
     assert_one_line_error(run("extract", "--base", tmp_path / "nope", *common),
-                          "is neither a named default")
+                          "is neither a named default", code=2)
     assert_one_line_error(run("extract", "--base", tiny_bert_dir, *common, "--kind", "generate"),
-                          "task kind 'generate' is not served")
+                          "task kind 'generate' is not served", code=2)
     assert not out.exists()  # nothing written on error
 
 
 def test_random_errors(tiny_bert_dir, tmp_path):
     out = tmp_path / "r.safetensors"
     assert_one_line_error(run("random", "--base", tiny_bert_dir, "-o", out, "--kind", "generate"),
-                          "task kind 'generate' is not served")
+                          "task kind 'generate' is not served", code=2)
     assert_one_line_error(run("random", "--base", tiny_bert_dir, "-o", out, "--kind", "chat"),
-                          "--kind must be one of classify, generate, embed")
+                          "--kind must be one of classify, generate, embed", code=2)
     assert_one_line_error(run("random", "--base", tiny_bert_dir, "-o", out, "--density", "2"),
-                          "density must be in [0, 1]")
+                          "density must be in [0, 1]", code=2)
     assert not out.exists()
 
 

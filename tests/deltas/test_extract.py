@@ -256,6 +256,15 @@ def minilm_ft(tmp_path_factory: pytest.TempPathFactory, task_data: Path) -> tupl
 
 
 @pytest.fixture(scope="module")
+def ft_model(minilm_ft):
+    """The fine-tuned model loaded once (the tests below only read it) and its held-out logits."""
+    folder, enc, _ = minilm_ft
+    ft = load_finetuned(folder)
+    with torch.no_grad():
+        return ft, ft(**enc).logits
+
+
+@pytest.fixture(scope="module")
 def minilm() -> Base:
     """A private minilm: these tests swap into it."""
     return load_base("minilm", device="cpu")
@@ -268,12 +277,12 @@ def served_logits(base: Base, delta, enc: dict) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_minilm_density_one_reproduces_the_finetune(minilm, minilm_ft):
+def test_minilm_density_one_reproduces_the_finetune(minilm, minilm_ft, ft_model):
     """Density 1.0: every base weight equals the fine-tuned one to the last bit exactly where
     base + (ft - base) == ft in float32 (counted), and the logits agree within 1e-5."""
-    folder, enc, _ = minilm_ft
+    _, enc, _ = minilm_ft
     base = minilm
-    ft = load_finetuned(folder)
+    ft, want = ft_model
     ftp = ft_backbone(ft)
     original = {n: p.clone() for n, p in base.params.items()}
     delta = loads(dumps(extract(base, ft, 1.0)))
@@ -290,8 +299,6 @@ def test_minilm_density_one_reproduces_the_finetune(minilm, minilm_ft):
             assert torch.equal(bits(p), bits(round_trip)), name
             inexact += int((~exact).sum())
         served = model(**enc).logits
-    with torch.no_grad():
-        want = ft(**enc).logits
     assert all(torch.equal(bits(p), bits(original[n])) for n, p in base.params.items())
     gap = float((served - want).abs().max())
     print(f"\ndensity 1.0: {delta.nnz} entries, {inexact} not exact in float32 "
@@ -300,15 +307,13 @@ def test_minilm_density_one_reproduces_the_finetune(minilm, minilm_ft):
 
 
 @pytest.mark.slow
-def test_minilm_one_percent_mostly_agrees(minilm, minilm_ft):
+def test_minilm_one_percent_mostly_agrees(minilm, minilm_ft, ft_model):
     """Density 0.01: predicted labels on 200 held-out sentences mostly agree with the fine-tuned
     model's, and the logit margins are strongly correlated with its margins, far above a control
     that keeps only the dense head."""
-    folder, enc, _ = minilm_ft
+    _, enc, _ = minilm_ft
     base = minilm
-    ft = load_finetuned(folder)
-    with torch.no_grad():
-        want = ft(**enc).logits
+    ft, want = ft_model
     delta = loads(dumps(extract(base, ft, 0.01)))
     validate(delta, base)
     assert delta.nnz == round(0.01 * base.numel)
@@ -332,11 +337,11 @@ def test_minilm_one_percent_mostly_agrees(minilm, minilm_ft):
 
 
 @pytest.mark.slow
-def test_minilm_per_tensor_scope(minilm, minilm_ft):
+def test_minilm_per_tensor_scope(minilm, minilm_ft, ft_model):
     """Per-tensor scope on the real model: round(0.01 * numel) per tensor (or all its changes)."""
-    folder, enc, _ = minilm_ft
+    _, enc, _ = minilm_ft
     base = minilm
-    ft = load_finetuned(folder)
+    ft, want_logits = ft_model
     delta = extract(base, ft, 0.01, scope="per-tensor")
     validate(delta, base)
     diffs = diffs_of(base, ft_backbone(ft))
@@ -346,8 +351,6 @@ def test_minilm_per_tensor_scope(minilm, minilm_ft):
     assert_top_k(type(delta)(meta=delta.meta, tensors={n: delta.tensors[n]
                                                        for n in ["pooler.dense.weight"]}),
                  {"pooler.dense.weight": diffs["pooler.dense.weight"]})
-    with torch.no_grad():
-        want_logits = ft(**enc).logits
     agree = float((served_logits(base, delta, enc).argmax(-1) == want_logits.argmax(-1))
                   .float().mean())
     print(f"\nper-tensor density 0.01: {delta.nnz} entries, agreement {agree:.3f}")

@@ -15,7 +15,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import KEYS, LONG, N_TOKENS, PAIRS, PROMPT, TEXTS, generate_offline, sdk
+from support import (
+    KEYS,
+    LONG,
+    N_TOKENS,
+    PAIRS,
+    PROMPT,
+    TEXTS,
+    assert_one_line_error,
+    generate_offline,
+    sdk,
+    slow_decode_step,
+)
 
 from taskdelta.client.types import (
     ClassifyResponse,
@@ -56,17 +67,6 @@ class Cli:
         assert result.returncode == 0, (args, result.stdout, result.stderr)
         assert "Traceback" not in result.stderr
         return result
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *pattern: str) -> str:
-    """Exit 1, one `error: ...` line on stderr matching every pattern, and no traceback."""
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for p in pattern:
-        assert re.search(p, lines[0]), (p, lines[0])
-    return lines[0]
 
 
 def table_cells(line: str) -> list[str]:
@@ -116,7 +116,7 @@ def test_tasks_upload_list_show_delete(tiny_bert, serve, tmp_path):
         assert TaskInfo.model_validate_json(cli.ok("tasks", "show", "sst2", "--json").stdout) == up
 
         stale = cli("tasks", "upload", "sst2", str(file), "--if-match", "1")
-        assert_one_line_error(stale, r"^error: 409 conflict: ", RID)
+        assert_one_line_error(stale, r"^error: 409 conflict: ", RID, regex=True)
         assert client.tasks.get("sst2").version == 2
 
         assert cli.ok("tasks", "delete", "sst2", "--if-match", "2").stdout == "deleted sst2\n"
@@ -124,7 +124,7 @@ def test_tasks_upload_list_show_delete(tiny_bert, serve, tmp_path):
             Deleted(name="imdb", deleted=True))
         assert client.tasks.list().tasks == []
         gone = cli("tasks", "show", "sst2")
-        assert_one_line_error(gone, r"^error: 404 not_found: .*'sst2'", RID)
+        assert_one_line_error(gone, r"^error: 404 not_found: .*'sst2'", RID, regex=True)
         assert gone.stdout == ""
 
 
@@ -136,13 +136,13 @@ def test_upload_errors_are_one_line(tiny_bert, tiny_llama, serve, tmp_path):
     with serve(tiny_bert, max_delta_bytes=len(data) - 1) as srv, sdk(srv) as client:
         cli = Cli(srv.url)
         assert_one_line_error(cli("tasks", "upload", "e", str(half)),
-                              "422 delta_rejected: .*truncated", RID)
+                              "422 delta_rejected: .*truncated", RID, regex=True)
         assert_one_line_error(cli("tasks", "upload", "e", str(foreign)),
-                              "422 delta_rejected: .*" + tiny_llama.fingerprint)
+                              "422 delta_rejected: .*" + tiny_llama.fingerprint, regex=True)
         whole = tmp_path / "whole.safetensors"
         whole.write_bytes(data)
         assert_one_line_error(cli("tasks", "upload", "e", str(whole)),
-                              f"413 payload_too_large: .*limit of {len(data) - 1} bytes")
+                              f"413 payload_too_large: .*limit of {len(data) - 1} bytes", regex=True)
         missing = cli("tasks", "upload", "e", str(tmp_path / "nope.safetensors"))
         assert missing.returncode == 2 and "Traceback" not in missing.stderr
         assert client.tasks.list().tasks == []
@@ -185,7 +185,7 @@ def test_classify_and_embed(tiny_bert, serve):
         base = EmbedResponse.model_validate_json(cli.ok("embed", "base", "x", "--json").stdout)
         assert base == client.embed("base", "x") and base.version is None
 
-        assert_one_line_error(cli("classify", "emb", "x"), "400 bad_request: .*'embed' task", RID)
+        assert_one_line_error(cli("classify", "emb", "x"), "400 bad_request: .*'embed' task", RID, regex=True)
 
 
 def test_generate_streams_the_greedy_text(tiny_llama, serve):
@@ -220,17 +220,19 @@ def test_generate_streams_the_greedy_text(tiny_llama, serve):
         assert sampled != want.text + "\n"  # the options did reach the server
 
         unknown = cli("generate", "nope", PROMPT)
-        assert_one_line_error(unknown, r"^error: 404 not_found: .*'nope'", RID)
+        assert_one_line_error(unknown, r"^error: 404 not_found: .*'nope'", RID, regex=True)
         assert unknown.stdout == ""  # failed before the stream started: no stray newline
 
 
 def test_generate_error_mid_stream_ends_the_text_then_one_line(tiny_llama, serve):
     gen = random_delta(tiny_llama, 0.05, seed=4, kind="generate", scale=0.5)
     head = generate_offline(tiny_llama, gen, PROMPT).text
-    with serve(tiny_llama, request_timeout_s=0.25) as srv, sdk(srv) as client:
+    # the stream starts, then a decode step outlasts the deadline
+    with serve(tiny_llama, request_timeout_s=0.5) as srv, sdk(srv) as client, \
+            slow_decode_step(tiny_llama, after_tokens=3, hold_s=1.0):
         client.tasks.upload("gen", gen)
         broken = Cli(srv.url)("generate", "gen", PROMPT, "--max-new-tokens", str(LONG))
-    assert_one_line_error(broken, r"^error: 504 timeout: .*did not finish within 0.25 s", RID)
+    assert_one_line_error(broken, r"^error: 504 timeout: .*did not finish within 0.5 s", RID, regex=True)
     assert broken.stdout.endswith("\n")  # the line is ended, then the error follows
     text = broken.stdout[:-1]
     assert text.startswith(head) or head.startswith(text)
@@ -247,8 +249,8 @@ def test_health_auth_and_connection_errors(tiny_bert, serve, redis_proc):
         assert Cli(srv.url, key=None).ok("health").stdout.startswith("ready:")  # no key needed
 
         assert_one_line_error(Cli(srv.url, key="wrong")("tasks", "list"),
-                              r"^error: 401 unauthorized: invalid API key", RID)
-        assert_one_line_error(Cli(srv.url, key=None)("tasks", "list"), "401 .*missing API key")
+                              r"^error: 401 unauthorized: invalid API key", RID, regex=True)
+        assert_one_line_error(Cli(srv.url, key=None)("tasks", "list"), "401 .*missing API key", regex=True)
 
         redis_proc.stop()
         down = cli("health")
@@ -256,4 +258,4 @@ def test_health_auth_and_connection_errors(tiny_bert, serve, redis_proc):
         assert down.stdout.strip() == f"NOT ready: base {tiny_bert.name}, model loaded, redis down"
         url = srv.url
     # the server is gone: one line naming where it tried (after the client's retries)
-    assert_one_line_error(Cli(url)("tasks", "list"), f"^error: cannot reach {re.escape(url)}")
+    assert_one_line_error(Cli(url)("tasks", "list"), f"^error: cannot reach {re.escape(url)}", regex=True)

@@ -28,6 +28,7 @@ from support import (
     generate_offline,
     merged_copy,
     sdk,
+    slow_decode_step,
 )
 
 from taskdelta.client import (
@@ -334,9 +335,9 @@ def test_an_error_after_the_stream_started_raises_while_iterating(tiny_llama, se
     raises the error the status would have mapped to, with the stream's request id."""
     gen = random_delta(tiny_llama, 0.05, seed=4, kind="generate", scale=0.5)
     head = generate_offline(tiny_llama, gen, PROMPT).text
-    # 240 tokens (the most that keep the whole prompt in 256 positions) take many times the
-    # deadline: the stream starts, then the deadline passes
-    with serve(tiny_llama, request_timeout_s=0.25) as srv, sdk(srv) as client:
+    # the stream starts, then a decode step outlasts the deadline
+    with serve(tiny_llama, request_timeout_s=0.5) as srv, sdk(srv) as client, \
+            slow_decode_step(tiny_llama, after_tokens=3, hold_s=1.0):
         client.tasks.upload("gen", gen)
         with pytest.raises(NotFoundError):  # before the stream: a plain status error
             client.generate_stream("nope", PROMPT)
@@ -346,7 +347,7 @@ def test_an_error_after_the_stream_started_raises_while_iterating(tiny_llama, se
         with pytest.raises(GatewayTimeoutError) as info:
             pieces.extend(stream)
         assert (info.value.status_code, info.value.type) == (504, "timeout")
-        assert "did not finish within 0.25 s" in info.value.message
+        assert "did not finish within 0.5 s" in info.value.message
         assert info.value.request_id == stream.request_id == stream.response.headers["x-request-id"]
         assert stream.finish_reason is None and stream.usage is None
         text = "".join(pieces)
