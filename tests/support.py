@@ -12,6 +12,7 @@ import json
 import os
 import re
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -189,6 +190,34 @@ def slow_decode_step(base, after_tokens: int, hold_s: float) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+class HeldWorker:
+    """A context manager holding a server's single worker inside `base`'s model (at its input
+    embeddings, so any forward) from `hold()` until `release()`: requests meet full queues by
+    construction, not because this machine is slow. Released (and unhooked) on exit."""
+
+    def __init__(self, base, guard_s: float = 300) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self._guard_s = guard_s  # only turns a hang into a failure
+        self._hook = base.model.get_input_embeddings().register_forward_pre_hook(self._wait)
+
+    def _wait(self, module, args) -> None:
+        assert self.gate.wait(self._guard_s), "the worker was never released"
+
+    def hold(self) -> None:
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def __enter__(self) -> HeldWorker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.gate.set()
+        self._hook.remove()
 
 
 # --- delta files ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-from support import ROOT, rss_bytes
+from support import ROOT, HeldWorker, rss_bytes
 from support_load import CLIENTS, FIRST_429, KEY, REQUESTS_EACH, TASKS
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -56,25 +56,6 @@ class Sampler:
         self._thread.join()
 
 
-class HeldWorker:
-    """Holds the server's single worker inside the model's forward until released, so that a
-    wave of clients meets full queues by construction, not because this machine is slow."""
-
-    def __init__(self, base) -> None:
-        self.gate = threading.Event()
-        self._hook = base.model.get_input_embeddings().register_forward_pre_hook(self._wait)
-
-    def _wait(self, module, args) -> None:
-        assert self.gate.wait(HANG_GUARD_S), "the worker was never released"
-
-    def release(self) -> None:
-        self.gate.set()
-
-    def close(self) -> None:
-        self.gate.set()
-        self._hook.remove()
-
-
 @dataclass
 class Wave:
     statuses: Counter
@@ -85,7 +66,7 @@ class Wave:
 def run_wave(url: str, scheduler, limits: tuple[int, int], worker: HeldWorker) -> Wave:
     """One wave of clients from a child process, the worker held until the first 429 arrives."""
     max_queued_total, max_queue = limits
-    worker.gate.clear()
+    worker.hold()
     child = subprocess.Popen([sys.executable, str(CLIENT), url], stdout=subprocess.PIPE, text=True)
     lines = iter(child.stdout.readline, "")
     try:
@@ -139,8 +120,8 @@ def test_thousand_concurrent_clients_get_only_200_or_429_within_queue_limits(
                     d = random_delta(tiny_bert, 0.001, seed=i, kind=kind,
                                      labels=["a", "b"] if kind == "classify" else None)
                     assert c.put(f"/v1/tasks/{task}", content=dumps(d)).status_code == 201
-        scheduler, worker = srv.state.scheduler, HeldWorker(tiny_bert)
-        try:
+        scheduler = srv.state.scheduler
+        with HeldWorker(tiny_bert, HANG_GUARD_S) as worker:
             before = rss_bytes()
             with Sampler(scheduler) as first:
                 one = run_wave(srv.url, scheduler, limits, worker)
@@ -148,8 +129,6 @@ def test_thousand_concurrent_clients_get_only_200_or_429_within_queue_limits(
             with Sampler(scheduler) as second:
                 two = run_wave(srv.url, scheduler, limits, worker)
             after_second = rss_bytes()
-        finally:
-            worker.close()
         assert scheduler.total_depth == 0  # everything answered: nothing left queued
 
     total = one.statuses + two.statuses

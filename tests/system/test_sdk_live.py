@@ -23,6 +23,7 @@ from support import (
     PAIRS,
     PROMPT,
     TEXTS,
+    HeldWorker,
     auth,
     frozen_copy,
     generate_offline,
@@ -521,14 +522,20 @@ def test_payload_too_large(tiny_bert, serve):
 
 
 def test_rate_limit_with_tiny_queues(tiny_bert, serve):
+    """Queues of one: while the worker is held, concurrent requests beyond the queue are refused
+    with a 429 the SDK raises as RateLimitError (with Retry-After); released, the admitted ones
+    are served. The worker is held until the first refusal, so there is one by construction."""
     limits = dict(max_queue=1, max_queued_total=1, max_batch=1)
-    with serve(tiny_bert, **limits) as srv, sdk(srv, max_retries=0) as client:
+    with serve(tiny_bert, **limits) as srv, sdk(srv, max_retries=0) as client, \
+            HeldWorker(tiny_bert) as worker:
         def one(_: int):
             try:
                 return client.embed("base", HEAVY)
             except RateLimitError as exc:
+                worker.release()
                 return exc
 
+        worker.hold()
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(one, range(32)))
         refused = [a for a in answers if isinstance(a, RateLimitError)]
@@ -540,10 +547,17 @@ def test_rate_limit_with_tiny_queues(tiny_bert, serve):
         assert_request_id(exc)
 
         async def flood() -> list:
-            async with sdk(srv, cls=AsyncClient, max_retries=0) as ac:
-                return await asyncio.gather(*(ac.embed("base", HEAVY) for _ in range(32)),
-                                            return_exceptions=True)
+            async def one_async(ac: AsyncClient):
+                try:
+                    return await ac.embed("base", HEAVY)
+                except RateLimitError as exc:
+                    worker.release()
+                    return exc
 
+            async with sdk(srv, cls=AsyncClient, max_retries=0) as ac:
+                return await asyncio.gather(*(one_async(ac) for _ in range(32)))
+
+        worker.hold()
         async_answers = asyncio.run(flood())
         assert all(isinstance(a, RateLimitError) or a.dim == 32 for a in async_answers)
         async_refused = [a for a in async_answers if isinstance(a, RateLimitError)]
