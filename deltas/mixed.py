@@ -23,27 +23,41 @@ one of two paths (`_mixed_paths`), chosen once at construction: the compiled CPU
 `_mixed_kernel` (float32; one call per module for all tasks, reading the delta's own index and
 increment runs: no extra memory), or torch sparse CSR ops (any device, CUDA included; a CSR kept
 per delta, counted in its `MixedDelta.nbytes`, which the server's cache adds to the task's entry).
-A batch's plan (per module, its tasks' arguments) is kept while the next batches have the same
-rows and tasks, as consecutive decode steps do.
+The mixing forms and a batch's plans (per module, its tasks' arguments) are in `_mixed_forms`;
+a batch's plans are kept while the next batches have the same rows and tasks, as consecutive
+decode steps do.
 """
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import _mixed_kernel
-from ._mixed_paths import NONE, Batch, KernelPath, Plan, TorchPath
+from ._mixed_forms import (
+    EmbeddingFix,
+    Fix,
+    LinearFix,
+    MixedDelta,
+    NormFix,
+    Segments,
+    SparseMatrix,
+    cover,
+    merge_neighbours,
+    negate,
+    plan_modules,
+)
+from ._mixed_paths import Batch, KernelPath, TorchPath
 from .base import Base
 from .swap import PreparedDelta
+
+__all__ = ["EmbeddingFix", "Fix", "LinearFix", "MixedDelta", "Mixer", "NormFix", "SparseMatrix",
+           "module_kind", "pooled_logits"]
 
 MIXABLE_KINDS = ("classify", "embed", "generate")
 # model type -> the part of the model whose modules get hooks: an encoder's backbone (the heads
@@ -53,74 +67,6 @@ HOOKED = {"bert": "backbone", "llama": "model", "mistral": "model", "qwen2": "mo
 # encoders whose modules see batch-first inputs and whose classifier runs on the pooled output:
 # BertForSequenceClassification is pooler_output -> dropout -> classifier
 POOLED_HEADS = {"bert": "BertForSequenceClassification"}
-
-Segments = list[tuple[int, int, "MixedDelta | None"]]
-
-
-@dataclass(frozen=True, eq=False)
-class SparseMatrix:
-    """A delta's entries in one weight matrix, as the swap keeps them (views, no copies)."""
-
-    idx: torch.Tensor  # [nnz] int32 (int64 for 2^31+ entries), sorted flat row-major indices
-    val: torch.Tensor  # [nnz] increments
-    shape: tuple[int, int]
-
-    @property
-    def nbytes(self) -> int:  # beyond the delta: only the CSR form, where it was built
-        csr = self.__dict__.get("csr")
-        return csr[0].nbytes + csr[1].nbytes if csr is not None else 0
-
-    @cached_property
-    def csr(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(crow [rows + 1], col [nnz]) for the torch path (without the compiled kernel)."""
-        rows, cols = self.shape
-        local = self.idx.long()
-        # the only check torch's unchecked CSR needs (a stamped cold load skips validate's
-        # per-entry checks): every entry inside the matrix; then row and column are in range
-        if local.numel() and not (int(local.min()) >= 0 and int(local.max()) < rows * cols):
-            raise IndexError(f"a delta index lies outside its {rows}x{cols} matrix")
-        crow = torch.zeros(rows + 1, dtype=self.idx.dtype, device=self.idx.device)
-        crow[1:] = torch.cumsum(torch.bincount(local // cols, minlength=rows), 0)
-        return crow, (local % cols).to(self.idx.dtype)
-
-    @cached_property
-    def tensor(self) -> torch.Tensor:
-        """As a torch sparse CSR tensor."""
-        crow, col = self.csr
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(crow, col, self.val, size=self.shape,
-                                           check_invariants=False)
-
-
-@dataclass(frozen=True, eq=False)
-class LinearFix:
-    weight: SparseMatrix | None  # ΔW [out, in]
-    bias: torch.Tensor | None  # Δb [out]
-
-
-@dataclass(frozen=True, eq=False)
-class EmbeddingFix:
-    weight: SparseMatrix  # ΔE [vocab, hidden]
-
-
-@dataclass(frozen=True, eq=False)
-class NormFix:
-    weight: torch.Tensor | None  # Δγ [hidden]
-    bias: torch.Tensor | None  # Δβ [hidden] (a LayerNorm's; an RMSNorm has none)
-
-
-Fix = LinearFix | EmbeddingFix | NormFix
-
-
-@dataclass(frozen=True, eq=False)
-class MixedDelta:
-    """A delta as output corrections: module name (in the base model) -> its fix."""
-
-    name: str
-    fixes: dict[str, Fix]
-    nbytes: int  # bytes it holds beyond the PreparedDelta it was built from
-
 
 def module_kind(module: nn.Module) -> str | None:
     """"linear", "embedding" or "norm" for the modules the mixer can correct, else None."""
@@ -275,7 +221,7 @@ class Mixer:
         `swapped`: the task whose delta is swapped into the base weights now (the Swapper). Its
         rows get no correction; every other row, base rows included, gets -Δ(swapped) as well as
         its own Δ: a batch mostly of one task can run with that task swapped in."""
-        tiles = _tiles(segments, rows)
+        tiles = cover(segments, rows)
         key = (rows, id(swapped), *((a, b, id(m)) for a, b, m in tiles))
         if self._last is None or self._last[0] != key:  # a decode step like the last: same plans
             layers = [tiles]
@@ -283,7 +229,7 @@ class Mixer:
                 minus = self._minus(swapped)
                 layers = [[(a, b, None if m is swapped else minus) for a, b, m in tiles],
                           [(a, b, None if m is swapped else m) for a, b, m in tiles]]
-            self._last = (key, tuple(self._layer(_merged(t), rows) for t in layers))
+            self._last = (key, tuple(self._layer(merge_neighbours(t), rows) for t in layers))
         self._layers = self._last[1]
         try:
             yield
@@ -292,13 +238,13 @@ class Mixer:
 
     def _layer(self, tiles: Segments, rows: int) -> Batch:
         counts = torch.tensor([b - a for a, b, _ in tiles], device=self.base.device)
-        return Batch(tiles, rows, counts, _plans(tiles))
+        return Batch(tiles, rows, counts, plan_modules(tiles))
 
     def _minus(self, mixed: MixedDelta) -> MixedDelta:
         """-Δ of the swapped-in task (kept while it stays the one swapped in: its increments'
         bytes, the index runs and the torch path's CSR shared with `mixed`)."""
         if self._negated is None or self._negated[0] is not mixed:
-            self._negated = (mixed, _negate(mixed))
+            self._negated = (mixed, negate(mixed))
         return self._negated[1]
 
     def forget_batch(self) -> None:
@@ -321,96 +267,6 @@ class Mixer:
         for layer, plan in plans:
             self._runs[name](layer, plan, module, x, output)
         return output
-
-
-def _tiles(segments: Segments, rows: int) -> Segments:
-    """The segments and the gaps between them (base rows): in order, covering [0, rows)."""
-    tiles: Segments = []
-    at = 0
-    for a, b, m in segments:
-        if not at <= a <= b <= rows:  # the torch path would not notice; the kernels would
-            raise ValueError(f"segment [{a}, {b}) out of order or outside {rows} rows")
-        if a > at:
-            tiles.append((at, a, None))
-        tiles.append((a, b, m))
-        at = b
-    if at < rows:
-        tiles.append((at, rows, None))
-    return tiles
-
-
-def _merged(tiles: Segments) -> Segments:
-    """Neighbouring tiles of one delta as one (one kernel pass over its entries for all their
-    rows: the -Δ of a swapped-in task on the rows of every other task, say)."""
-    out: Segments = []
-    for a, b, m in tiles:
-        if out and out[-1][2] is m:
-            out[-1] = (out[-1][0], b, m)
-        else:
-            out.append((a, b, m))
-    return out
-
-
-def _negate(mixed: MixedDelta) -> MixedDelta:
-    """The same corrections with every increment negated (a tied ΔE stays one matrix)."""
-    done: dict[int, Any] = {}
-
-    def neg(t: SparseMatrix | torch.Tensor | None) -> Any:
-        if t is None:
-            return None
-        if id(t) not in done:
-            if isinstance(t, SparseMatrix):
-                m = SparseMatrix(t.idx, -t.val, t.shape)
-                if "csr" in t.__dict__:  # the torch path's index form: the same, not rebuilt
-                    m.__dict__["csr"] = t.csr
-                done[id(t)] = m
-            else:
-                done[id(t)] = -t
-        return done[id(t)]
-
-    fixes: dict[str, Fix] = {}
-    for name, f in mixed.fixes.items():
-        fixes[name] = (EmbeddingFix(neg(f.weight)) if isinstance(f, EmbeddingFix) else
-                       LinearFix(neg(f.weight), neg(f.bias)) if isinstance(f, LinearFix) else
-                       NormFix(neg(f.weight), neg(f.bias)))
-    return MixedDelta(name=f"-{mixed.name}", fixes=fixes, nbytes=sum(
-        t.val.nbytes if isinstance(t, SparseMatrix) else t.nbytes for t in done.values()))
-
-
-def _plans(tiles: Segments) -> dict[str, Plan]:
-    """Per module the batch corrects, its fixes and the kernels' arguments, once a batch
-    (not once a module call)."""
-    names = {n: None for _, _, m in tiles if m is not None for n in m.fixes}  # ordered set
-    return {name: _plan(name, tiles) for name in names}
-
-
-def _plan(name: str, tiles: Segments) -> Plan:
-    fixes: list[Fix | None] = []
-    idx, val, s_start, s_end = [], [], [], []  # each ΔW / ΔE: its runs and rows
-    gammas, betas, v_start, v_end = [], [], [], []  # each Δγ, Δβ (or none, Δb): its rows
-    vocab = 0  # ΔE's rows (an Embedding)
-    for a, b, m in tiles:  # plain appends: this runs for every module and task of a batch
-        f = m.fixes.get(name) if m is not None else None
-        fixes.append(f)
-        if f is None:
-            continue
-        w = f.weight
-        if isinstance(w, SparseMatrix):  # ΔW of a Linear, ΔE of an Embedding
-            vocab = w.shape[0]
-            idx.append(w.idx)
-            val.append(w.val)
-            s_start.append(a)
-            s_end.append(b)
-        gamma = w if isinstance(f, NormFix) else None
-        bias = None if isinstance(f, EmbeddingFix) else f.bias
-        if gamma is not None or bias is not None:
-            gammas.append(NONE if gamma is None else gamma)
-            betas.append(NONE if bias is None else bias)
-            v_start.append(a)
-            v_end.append(b)
-    return Plan(fixes=fixes, sparse=(idx, val, s_start, s_end),
-                vectors=(gammas, betas, v_start, v_end),
-                gamma=any(g.numel() for g in gammas), vocab=vocab)
 
 
 class _Hook:
