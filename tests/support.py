@@ -14,11 +14,12 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import redis
 import torch
 
 from taskdelta.client import (
@@ -48,6 +49,24 @@ from taskdelta.server.settings import Settings
 from taskdelta.server.store import StoredTask
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+HANG_GUARD_S = 120  # waits end in a failure after this long: it turns a hang into a failure and
+#                    states nothing about speed
+
+
+def wait_until(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll `ready()` until it is true (an HTTP, Redis or socket error counts as not yet); after
+    `timeout_s` (a hang guard) fail naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if ready():
+                return
+        except (httpx.HTTPError, redis.RedisError, OSError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def find_task_data() -> Path | None:

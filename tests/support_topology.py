@@ -12,31 +12,17 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import redis
-from support import ROOT, redis_binary
+from support import ROOT, redis_binary, wait_until
 
 from taskdelta.server.embedded import free_port
 
 LB_TEMPLATE = ROOT / "docker" / "nginx" / "taskdelta.conf.template"
 COMPOSE = ROOT / "docker-compose.yml"
 START_TIMEOUT_S = 240  # a hang guard: importing torch on two busy cores can take a while
-
-
-def wait_until(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if ready():
-                return
-        except (httpx.HTTPError, redis.RedisError, OSError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- server replicas ------------------------------------------------------------------------------

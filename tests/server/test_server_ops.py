@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import httpx
-from support import classify_delta
+from support import HANG_GUARD_S, classify_delta, wait_until
 
 from taskdelta.client import hash_api_key
 from taskdelta.deltas import dumps
@@ -61,10 +60,8 @@ def test_readyz_follows_redis_and_cached_tasks_keep_serving(tiny_bert, redis_pro
             r = c.get("/v1/tasks")
             assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable"
             redis_proc.start()
-            deadline = time.monotonic() + 20
-            while c.get("/readyz").status_code != 200:
-                assert time.monotonic() < deadline, "did not recover after Redis came back"
-                time.sleep(0.1)
+            wait_until(lambda: c.get("/readyz").status_code == 200, HANG_GUARD_S,
+                       "readiness after Redis came back")
             assert [t["name"] for t in c.get("/v1/tasks").json()["tasks"]] == ["a"]
 
 
@@ -147,14 +144,9 @@ def test_replica_serves_new_version_within_bound(tiny_bert, redis_proc, tmp_path
                 b.state.registry.invalidate = lambda *_: None
                 ca.put("/v1/tasks/t", content=dumps(v1))
             want = {"old-a", "old-b"} if stale_ok else {"new-a", "new-b"}
-            deadline = time.monotonic() + 10
-            while labels_from_b() != want:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            wait_until(lambda want=want: labels_from_b() == want, HANG_GUARD_S, f"B to serve {want}")
         ca.delete("/v1/tasks/t")
-        deadline = time.monotonic() + 10
-        while cb.post("/v1/tasks/t/classify", json={"texts": ["x"]}).status_code != 404:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: cb.post("/v1/tasks/t/classify", json={"texts": ["x"]}).status_code == 404,
+                   HANG_GUARD_S, "B to answer 404 after the delete")
         ca.close()
         cb.close()

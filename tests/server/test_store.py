@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from support import HANG_GUARD_S
 
 from taskdelta.server import store as store_module
 from taskdelta.server.embedded import EmbeddedRedis
@@ -23,8 +24,6 @@ from taskdelta.server.errors import (
 )
 from taskdelta.server.keys import Keys
 from taskdelta.server.store import Change, RedisStore, StoredTask
-
-HANG_GUARD_S = 30  # only catches a hang; never a statement about speed
 
 
 def info(**extra: str) -> dict[str, str]:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support_topology import RedisClusterProcesses, ServerProcess, wait_until
+from support import HANG_GUARD_S, wait_until
+from support_topology import RedisClusterProcesses, ServerProcess
 
 from taskdelta.deltas import dumps, random_delta
 from taskdelta.server.app import create_app
@@ -19,7 +20,6 @@ from taskdelta.server.store import Change, RedisStore
 
 pytestmark = pytest.mark.slow
 KEY = {"Authorization": "Bearer key-acme"}
-HANG_GUARD_S = 30  # only catches a hang; never a statement about speed
 INFO = {"kind": "classify", "labels": '["a", "b"]', "nnz": "1", "density": "0.1",
         "base_fingerprint": "sha256:x", "created_at": "0", "provenance": "{}"}
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import redis
 import torch
-from support import assert_bit_identical, snapshot
+from support import HANG_GUARD_S, assert_bit_identical, snapshot
 from support_topology import ServerProcess
 
 from taskdelta.deltas import SparseTensor, Swapper, TaskDelta, dumps, prepare, random_delta
@@ -37,7 +37,6 @@ KEY = "fault-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TIMEOUT_S = 30.0  # the server's request deadline here
 VERSION_CHECK_S = 0.2  # how often a cached task's version is re-checked against Redis
-HANG_GUARD_S = 120  # only turns a hang into a failure; never a statement about speed
 
 
 # --- Redis stopped under load ---------------------------------------------------------------------

@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-from support import ROOT, HeldWorker, rss_bytes
+from support import HANG_GUARD_S, ROOT, HeldWorker, rss_bytes
 from support_load import CLIENTS, FIRST_429, KEY, REQUESTS_EACH, TASKS
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CLIENT = ROOT / "tests" / "support_load.py"
-HANG_GUARD_S = 300  # only turns a hang into a failure; never a statement about speed
 
 
 @dataclass

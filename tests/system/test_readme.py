@@ -7,12 +7,12 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from support import HANG_GUARD_S, wait_until
 
 from taskdelta.server.embedded import free_port
 
@@ -38,16 +38,12 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [str(BIN / "taskdelta"), "serve", "--no-auth", "--base", base, "--port", str(self.port),
              "--data-dir", str(workdir / "data")], env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while True:
+
+        def ready() -> bool:
             assert self.proc.poll() is None, (workdir / f"server-{self.port}.log").read_text()
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
+            return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
+
+        wait_until(ready, HANG_GUARD_S, "the server to become ready")
 
     def stop(self) -> None:
         self.proc.terminate()

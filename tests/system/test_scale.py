@@ -15,8 +15,8 @@ import httpx
 import pytest
 import redis
 import yaml
-from support import classify_delta
-from support_topology import COMPOSE, NginxProcess, ServerProcess, nginx_binary, upstreams_for, wait_until
+from support import classify_delta, wait_until
+from support_topology import COMPOSE, NginxProcess, ServerProcess, nginx_binary, upstreams_for
 
 from taskdelta.deltas import dumps, load_base
 from taskdelta.server.app import create_app
