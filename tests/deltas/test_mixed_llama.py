@@ -319,6 +319,25 @@ def test_what_cannot_be_mixed_says_why(tiny_llama, tiny_llama_dir, monkeypatch):
         mixer.close()
 
 
+@torch.no_grad()
+def test_a_new_composition_on_the_same_rows_gets_its_own_plans(mixer, tiny_llama, tiny_llama_dir):
+    """Plans are kept across steps of one composition; other tasks on the same rows (or the same
+    tasks against a swap) are a new composition, never served the kept plans."""
+    made = llama_deltas(tiny_llama, count=2)
+    prepared = [prepare(d, tiny_llama, name=f"n{i}") for i, d in enumerate(made)]
+    mixed = [mixer.build(p) for p in prepared]
+    ids, mask = left_padded([5, 5], tiny_llama.config.pad_token_id, seed=5)
+    for t in (0, 1, 0):
+        with mixer.mixing([(0, 1, mixed[t])], 2):
+            got = tiny_llama.model(input_ids=ids, attention_mask=mask).logits
+        want = merged_model(tiny_llama_dir, made[t])(input_ids=ids, attention_mask=mask).logits
+        assert float((got[:1] - want[:1]).abs().max()) <= LOGITS_ATOL
+    with Swapper(tiny_llama).swapped(prepared[1]) as model:  # row 0: task 0 against task 1
+        with mixer.mixing([(0, 1, mixed[0])], 2, swapped=mixed[1]):
+            got = model(input_ids=ids, attention_mask=mask).logits
+    assert float((got[:1] - want[:1]).abs().max()) <= LOGITS_ATOL
+
+
 def test_segments_out_of_order_or_outside_the_batch_are_refused(tiny_llama):
     mixer = Mixer(tiny_llama)
     try:
