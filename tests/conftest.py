@@ -76,6 +76,22 @@ def redis_proc(tmp_path: Path) -> Iterator[RedisProcess]:
 
 
 @pytest.fixture(scope="session")
+def real_base():
+    """`real_base(name, dtype="float32")`: a packaged default base, loaded once per session and
+    shared (a smollm2 load costs seconds). Tests that swap into it must restore it: the ones that
+    use it check bit-identity after themselves anyway."""
+    from taskdelta.deltas import load_base
+
+    loaded: dict[tuple[str, str], object] = {}
+
+    def get(name: str, dtype: str = "float32"):
+        if (name, dtype) not in loaded:
+            loaded[name, dtype] = load_base(name, device="cpu", dtype=dtype)
+        return loaded[name, dtype]
+    return get
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     from taskdelta.deltas import resolve_base
 

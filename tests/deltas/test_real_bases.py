@@ -14,7 +14,6 @@ from taskdelta.deltas import (
     SwapError,
     Swapper,
     dumps,
-    load_base,
     loads,
     merge_into,
     prepare,
@@ -30,10 +29,10 @@ DENSITIES = (0.001, 0.002, 0.001, 0.005, 0.002)  # one delta per seed, cycled th
 # restore would drift fastest (smollm2 in bf16 adds ~30 s for no new code path)
 @pytest.mark.parametrize(("name", "dtype"), [("minilm", "float32"), ("minilm", "bfloat16"),
                                              ("smollm2-135m", "float32")])
-def test_thousand_cycles_leave_the_base_bit_identical(name: str, dtype: str):
+def test_thousand_cycles_leave_the_base_bit_identical(real_base, name: str, dtype: str):
     """1,000 apply/restore cycles over five random deltas (plus refused second applies) leave
     every parameter bitwise equal to a copy saved before the first swap."""
-    base = load_base(name, device="cpu", dtype=dtype)
+    base = real_base(name, dtype)
     saved = {n: p.detach().clone() for n, p in base.params.items()}
     deltas = []
     for seed, density in enumerate(DENSITIES):
@@ -67,10 +66,10 @@ def _ids(base: Base, texts: list[str]) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(("name", "kind"), [("minilm", "embed"), ("minilm", "classify"),
                                             ("smollm2-135m", "generate"),
                                             ("smollm2-135m", "classify")])
-def test_served_outputs_equal_the_merged_copy(name: str, kind: str):
+def test_served_outputs_equal_the_merged_copy(real_base, name: str, kind: str):
     """With a 1 % random delta swapped in, the served outputs are torch.equal to an offline merged
     deep copy's (for classify: the same head on the merged copy's backbone)."""
-    base = load_base(name, device="cpu")
+    base = real_base(name)
     delta = random_delta(base, 0.01, seed=11, kind=kind)
     validate(delta, base)
     prepared = prepare(delta, base, name="task")

@@ -437,7 +437,7 @@ def test_trained_delta_scores_the_same_through_the_rest_api(tiny_bert, redis_pro
 def test_minilm_sparse_one_percent_learns_sst2_quickly():
     """30 steps of 16 on 1 % of minilm's entries (fisher mask) lift SST-2 far above the majority
     class (~55 % on this split); it reached 79.5 % when written."""
-    base = load_base("minilm", device="cpu")
+    base = load_base("minilm", device="cpu")  # private: training sets the modules' train mode
     data = load_classify(DATA / "sst2" / "train.tsv", "sentence", "label")
     train, val = carve(data.examples, 200, seed=0)
     feats = classify_features(base.tokenizer, subsample(train, 480, seed=0), 64)
