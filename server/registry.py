@@ -111,10 +111,15 @@ class TaskRegistry:
             return self.base_ref(tenant)
         entry = self._fresh_entry(tenant, name)
         if entry is not None:
-            loaded: Loaded = entry.value
-            ref = TaskRef(tenant, name, loaded.prepared.kind, loaded.version, loaded.labels)  # type: ignore[union-attr]
+            ref = _ref_of_cached(tenant, name, entry)
         else:
-            ref = await self._read_ref(tenant, name)
+            try:
+                ref = await self._read_ref(tenant, name)
+            except StoreUnavailable:  # Redis away: a cached task keeps serving (nobody can
+                entry = self.cache.get((tenant, name))  # commit a newer version meanwhile)
+                if entry is None:
+                    raise
+                ref = _ref_of_cached(tenant, name, entry)
         if ref.kind != want:
             raise BadTaskRequest(f"task {name!r} is a {ref.kind!r} task; it cannot {want}")
         return ref
@@ -223,6 +228,11 @@ class TaskRegistry:
 
     def invalidate(self, tenant: str, name: str) -> None:
         self.cache.invalidate((tenant, name))
+
+
+def _ref_of_cached(tenant: str, name: str, entry: CacheEntry) -> TaskRef:
+    loaded: Loaded = entry.value
+    return TaskRef(tenant, name, loaded.prepared.kind, loaded.version, loaded.labels)  # type: ignore[union-attr]
 
 
 def _ref_of(stored: StoredTask) -> TaskRef:

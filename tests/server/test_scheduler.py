@@ -377,3 +377,30 @@ def test_logprobs_are_the_chosen_tokens_log_probabilities(llama):
     for entry in g.logprobs:
         assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 2
         assert entry["logprob"] == pytest.approx(entry["top_logprobs"][0]["logprob"])  # greedy
+
+
+async def test_a_cached_task_keeps_serving_while_the_store_is_away(tiny_bert):
+    from taskdelta.server.errors import StoreUnavailable
+
+    store = MemoryStore(tiny_bert)
+    store.put("acme", "task", dumps(random_delta(tiny_bert, 0.01, seed=1, kind="embed")), "embed")
+    engine = make_engine(tiny_bert, store, version_check_s=0.01)
+    sched = engine.scheduler
+    sched.start()
+    try:
+        ref = await engine.registry.resolve("acme", "task", "embed")
+        first = await sched.submit(ref, EmbedJob(texts=("hello",)))
+
+        async def away(*_args, **_kw):
+            raise StoreUnavailable("the task store (Redis) failed")
+
+        store.get = store.get_blob = store.current_version = away  # type: ignore[method-assign]
+        await asyncio.sleep(0.02)  # the cached entry is due for a version check
+        ref = await engine.registry.resolve("acme", "task", "embed")
+        again = await sched.submit(ref, EmbedJob(texts=("hello",)))
+        assert again.version == first.version == 1 and again.rows == first.rows
+        with pytest.raises(StoreUnavailable):
+            await engine.registry.resolve("acme", "never-cached", "embed")
+    finally:
+        await sched.stop()
+        engine.close()

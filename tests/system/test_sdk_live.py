@@ -388,7 +388,7 @@ def test_openai_routes_over_raw_http(tiny_llama, serve):
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["object"] == "chat.completion" and body["model"] == "gen"
-        assert body["id"] == f"cmpl-{r.headers['x-request-id']}"
+        assert body["id"] == f"chatcmpl-{r.headers['x-request-id']}"  # as OpenAI names chat ids
         choice = body["choices"][0]
         assert choice["message"] == {"role": "assistant", "content": want_chat.text}
         assert choice["finish_reason"] == want_chat.finish_reason
