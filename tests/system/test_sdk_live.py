@@ -399,12 +399,14 @@ def test_openai_routes_over_raw_http(tiny_llama, serve):
         assert r.status_code == 200 and r.json()["object"] == "text_completion"
         assert r.json()["choices"][0]["text"] == want.text
 
-        with raw.stream("POST", "/v1/chat/completions", json=chat | {"stream": True}) as s:
+        streamed = chat | {"stream": True, "stream_options": {"include_usage": True}}
+        with raw.stream("POST", "/v1/chat/completions", json=streamed) as s:
             events = sse_data(s)
         assert {e["object"] for e in events} == {"chat.completion.chunk"}
-        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+        choices = [e for e in events if e["choices"]]  # as OpenAI: usage comes in a last chunk
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in choices)
         assert text == want_chat.text
-        assert events[-1]["choices"][0]["finish_reason"] == want_chat.finish_reason
+        assert choices[-1]["choices"][0]["finish_reason"] == want_chat.finish_reason
         assert events[-1]["usage"]["completion_tokens"] == want_chat.completion_tokens
 
         with raw.stream("POST", "/v1/completions", json={
@@ -414,9 +416,10 @@ def test_openai_routes_over_raw_http(tiny_llama, serve):
         assert "".join(e["choices"][0]["text"] for e in events) == want.text
         # the SDK's own generate agrees with the OpenAI route
         assert client.generate("gen", messages=MESSAGES, max_new_tokens=N_TOKENS).text == text
-        # an unknown model is the same 404 the SDK maps
+        # an unknown model is a 404 in OpenAI's error shape (openai.NotFoundError)
         r = raw.post("/v1/completions", json={"model": "nope", "prompt": "x"})
-        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+        assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+        assert r.json()["error"]["code"] == "not_found"
 
 
 # --- errors mapped from real answers -------------------------------------------------------------
