@@ -13,7 +13,16 @@ the same prompts as ONE `model.generate()` batch in this process, side by side i
   asking it: swapped in once). --with-classify adds a C = 8 `base` run with one more client
   embedding a few texts with `base` back to back: are they answered, how fast, and what is the
   decode throughput meanwhile.
+- many-task scenarios (mixed-task decode, issue 13): `tasks8` / `tasks32` (C clients, C distinct
+  random generate deltas, client i always asks task i), `zipf1000` (32 clients, each request's
+  task drawn Zipf(1) over --zipf-names names; the server's delta-cache hit rate read from
+  /metrics) and `tasks8-nomix` (tasks8 on a second server with TASKDELTA_MIXED_BATCHES=false:
+  one group per task, swapped in turn). Tasks are uploaded through PUT /v1/tasks/NAME. The zipf
+  names reuse --distinct deltas in turn (uploading 1,000 distinct 1 % deltas does not fit the
+  machine's time and memory); the output says how many.
+- --peft: the peer, PEFT's mixed-adapter batch in this process on the same prompts (bench/decode_peft.py).
 
+    python bench/decode.py --scenarios tasks8,tasks32,zipf1000,tasks8-nomix --peft
     python bench/decode.py --with-classify            # ~6 min on 2 cores
     python bench/decode.py --quick                     # a smoke run
     python bench/decode.py --base path/to/llama --quick --clients 1,4
@@ -36,10 +45,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from decode_load import run_load  # noqa: E402
+from decode_load import TaskPicker, run_load  # noqa: E402
+from decode_peft import peer  # noqa: E402
+from decode_tasks import cache_counts, hit_rate, make_blobs, upload_many, zipf_picker  # noqa: E402
 from loadgen import ServerProcess, free_port, machine  # noqa: E402
 
 from taskdelta.deltas import Base, dumps, load_base, random_delta  # noqa: E402
+
+# many-task scenarios: name -> (clients, distinct task names); client i asks task i, zipf draws
+MANY = {"tasks8": (8, 8), "tasks32": (32, 32), "zipf1000": (32, 1000), "tasks8-nomix": (8, 8)}
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "decode-bench"
@@ -126,14 +140,16 @@ def reference_pass(base: Base, clients: list[int], tokens: int, label: str) -> d
 # --- the served runs ---------------------------------------------------------------------------
 
 
-def start_server(args, work: Path) -> ServerProcess:
+def start_server(args, work: Path, mixed: bool = True) -> ServerProcess:
+    work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     argv = [sys.executable, "-m", "taskdelta.server", "--base", args.base, "--port", str(port),
             "--no-auth", "--log-level", "warning", "--data-dir", str(work / "data")]
     if args.device:
         argv += ["--device", args.device]
-    return ServerProcess(argv, port, args.threads, log=work / "server.log",
-                         env={"TASKDELTA_TORCH_THREADS": str(args.threads)})
+    env = {"TASKDELTA_TORCH_THREADS": str(args.threads), "TASKDELTA_CACHE_BYTES": str(args.cache_bytes),
+           "TASKDELTA_MIXED_BATCHES": "true" if mixed else "false"}
+    return ServerProcess(argv, port, args.threads, log=work / "server.log", env=env)
 
 
 def upload_task(url: str, base: Base, density: float, seed: int) -> dict:
@@ -147,8 +163,9 @@ def upload_task(url: str, base: Base, density: float, seed: int) -> dict:
     return {"nnz": delta.nnz, "blob_bytes": len(blob), "density": density}
 
 
-def served(args, url: str, scenario: str, clients: int, embed: bool = False) -> dict:
-    task = "base" if scenario.startswith("base") else TASK
+def served(args, url: str, scenario: str, clients: int, embed: bool = False,
+           task: str | TaskPicker | None = None) -> dict:
+    task = task or ("base" if scenario.startswith("base") else TASK)
     prompts = [PROMPTS[n % len(PROMPTS)] for n in range(clients)]
     res = asyncio.run(run_load(url, task, prompts, args.tokens, args.warmup, window(args, clients),
                                EMBED_TEXTS if embed else None))
@@ -168,6 +185,53 @@ def window(args, clients: int) -> float:
 
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.0f} ms"
+
+
+def many_task_runs(args, base: Base, work: Path, out: dict) -> list[dict]:
+    """The many-task scenarios asked for: mixed ones on one server, tasks8-nomix on another."""
+    asked = [s for s in args.scenarios if s in MANY]
+    if not asked:
+        return []
+    count = max([MANY[s][1] for s in asked if s != "zipf1000"]
+                + [args.distinct if "zipf1000" in asked else 0])
+    blobs = make_blobs(base, count, args.density)
+    rows = []
+    mixed = [s for s in asked if s != "tasks8-nomix"]
+    if mixed:
+        rows += _on_server(args, work / "mixed", True, mixed, blobs, out)
+    if "tasks8-nomix" in asked:
+        rows += _on_server(args, work / "nomix", False, ["tasks8-nomix"], blobs, out)
+    return rows
+
+
+def _on_server(args, work: Path, mixed: bool, scenarios: list[str], blobs: list[bytes],
+               out: dict) -> list[dict]:
+    rows = []
+    with start_server(args, work, mixed=mixed) as srv:
+        print(f"  server (mixed batches {mixed}) ready in {srv.ready_s:.1f} s", flush=True)
+        fixed = max((MANY[s][1] for s in scenarios if s != "zipf1000"), default=0)
+        out.setdefault("uploads", {})[f"mixed={mixed}"] = upload_many(
+            srv.url, [f"t{i}" for i in range(fixed)], blobs)
+        for scenario in scenarios:
+            clients, tasks = MANY[scenario]
+            if scenario == "zipf1000":
+                rows.append(_zipf_run(args, srv.url, clients, blobs, out))
+            else:
+                rows.append(served(args, srv.url, scenario, clients, task=lambda n: f"t{n}"))
+        out.setdefault("server_memory_many", {})[f"mixed={mixed}"] = srv.memory()
+    return rows
+
+
+def _zipf_run(args, url: str, clients: int, blobs: list[bytes], out: dict) -> dict:
+    names = [f"z{i}" for i in range(args.zipf_names)]
+    out["zipf_upload"] = upload_many(url, names, blobs[:args.distinct])
+    before = cache_counts(url)
+    res = served(args, url, "zipf1000", clients, task=zipf_picker(names, clients, args.seed))
+    res["cache"] = hit_rate(before, cache_counts(url))
+    res["cache"].update(names=len(names), distinct_deltas=min(len(names), args.distinct),
+                        cache_bytes_limit=args.cache_bytes)
+    print(f"  zipf cache: {res['cache']}", flush=True)
+    return res
 
 
 # --- the table ---------------------------------------------------------------------------------
@@ -194,6 +258,31 @@ def table(rows: list[dict], before: dict[int, float], after: dict[int, float]) -
     return "\n".join(lines)
 
 
+GOALS = {"tasks8": 0.75, "tasks32": 0.70, "zipf1000": 0.70}
+
+
+def goals_table(rows: list[dict], out: dict) -> str:
+    """Ours (served / one in-process generate() batch of the base) beside PEFT's mixed-adapter
+    batch (mixed / its base batch), each with its goal."""
+    peft = {p["rows"]: p["ratio"] for p in out.get("peft", [])}
+    lines = ["| scenario | C | ours: ratio | goal | PEFT mixed-adapter batch ratio (rows = adapters) |",
+             "|" + " --- |" * 5]
+    for r in rows:
+        if r["scenario"] not in MANY:
+            continue
+        goal = GOALS.get(r["scenario"])
+        p = peft.get(r["clients"]) if r["scenario"] in GOALS and r["scenario"] != "zipf1000" else None
+        lines.append(f"| {r['scenario']} | {r['clients']} | {r['ratio']:.2f} | "
+                     f"{'-' if goal is None else f'>= {goal:.2f}'} | {_num(p, 2)} |")
+    if "zipf_upload" in out:
+        z = [r for r in rows if r["scenario"] == "zipf1000"][0]["cache"]
+        lines.append(f"\nzipf1000: {z['names']} task names over {z['distinct_deltas']} distinct "
+                     f"deltas; cache hit rate {_num(z['hit_rate'], 3)} ({z['hits']:.0f} hits, "
+                     f"{z['misses']:.0f} misses); cache {z['cache_bytes'] / 1e9:.2f} GB in "
+                     f"{z['cache_entries']:.0f} entries, limit {z['cache_bytes_limit'] / 1e9:.2f} GB")
+    return "\n".join(lines)
+
+
 def _num(x: float | None, digits: int = 0) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -203,23 +292,31 @@ def _num(x: float | None, digits: int = 0) -> str:
 
 def measure(args, base: Base, work: Path, out: dict) -> None:
     reference_seconds(base, PROMPTS[:2], 2)  # a first call pays one-off setup: not measured
-    before = reference_pass(base, args.clients, args.tokens, "before")
+    single = [s for s in args.scenarios if s not in MANY]
+    needed = set(args.clients if single else []) | {MANY[s][0] for s in args.scenarios if s in MANY}
+    before = reference_pass(base, sorted(needed), args.tokens, "before")
     rows = []
-    with start_server(args, work) as srv:
-        print(f"  server ready in {srv.ready_s:.1f} s", flush=True)
-        out["task"] = upload_task(srv.url, base, args.density, args.seed)
-        for scenario in args.scenarios:
-            rows += [served(args, srv.url, scenario, c) for c in args.clients]
-        if args.with_classify:
-            rows.append(served(args, srv.url, "base+embed", args.classify_clients, embed=True))
-        out["server_memory"] = srv.memory()
+    if single or args.with_classify:
+        with start_server(args, work / "single") as srv:
+            print(f"  server ready in {srv.ready_s:.1f} s", flush=True)
+            out["task"] = upload_task(srv.url, base, args.density, args.seed)
+            for scenario in single:
+                rows += [served(args, srv.url, scenario, c) for c in args.clients]
+            if args.with_classify:
+                rows.append(served(args, srv.url, "base+embed", args.classify_clients, embed=True))
+            out["server_memory"] = srv.memory()
+    rows += many_task_runs(args, base, work, out)
     after = reference_pass(base, sorted({r["clients"] for r in rows}), args.tokens, "after")
     for r in rows:
         c = r["clients"]
         r["reference_tok_s"] = (before.get(c, after[c]) + after[c]) / 2
         r["ratio"] = r["tokens_per_s"] / r["reference_tok_s"]
+    if args.peft:
+        out["peft"] = [peer(base.model, base.tokenizer, PROMPTS, n, args.tokens)
+                       for n in args.peft_rows]
     out.update(rows=rows, reference_before=before, reference_after=after)
     out["table"] = table(rows, {c: before.get(c, after[c]) for c in after}, after)
+    out["table"] += "\n\n" + goals_table(rows, out)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -238,6 +335,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zipf-names", type=int, default=1000, help="task names zipf1000 draws from")
+    p.add_argument("--distinct", type=int, default=32, help="distinct deltas behind the zipf names")
+    p.add_argument("--cache-bytes", type=int, default=8 * 1024**3, help="the server's delta cache")
+    p.add_argument("--peft", action="store_true", help="also PEFT's mixed-adapter batch (the peer)")
+    p.add_argument("--peft-rows", type=_ints, default=[8, 32], help="rows = adapters of the peer")
     p.add_argument("--quick", action="store_true", help="a smoke run: short windows")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "decode.json")
     p.add_argument("--workdir", type=Path, default=None, help="server data and log (default: temp)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -87,21 +88,28 @@ async def stream_one(http: httpx.AsyncClient, task: str, body: dict, record: Str
                 record.completion_tokens = int(chunk["usage"]["completion_tokens"])
 
 
-async def decode_clients(http: httpx.AsyncClient, task: str, prompts: list[str], tokens: int,
-                         end: float, streams: list[Stream]) -> None:
-    """Client n asks prompts[n] again and again (greedy, `tokens` new tokens) until `end`."""
+# which task client n asks for its next request (one fixed task, or a draw per request)
+TaskPicker = Callable[[int], str]
 
-    async def client(prompt: str) -> None:
-        body = {"prompt": prompt, "max_new_tokens": tokens, "temperature": 0.0, "stream": True}
+
+async def decode_clients(http: httpx.AsyncClient, task: str | TaskPicker, prompts: list[str],
+                         tokens: int, end: float, streams: list[Stream]) -> None:
+    """Client n asks prompts[n] again and again (greedy, `tokens` new tokens) until `end`, each
+    time of `task` (or of `task(n)`, picked afresh per request)."""
+    pick = task if callable(task) else (lambda _n: task)
+    body = lambda p: {"prompt": p, "max_new_tokens": tokens, "temperature": 0.0,  # noqa: E731
+                      "stream": True}
+
+    async def client(n: int, prompt: str) -> None:
         while time.perf_counter() < end:
             record = Stream(sent=time.perf_counter())
             streams.append(record)
             try:
-                await stream_one(http, task, body, record)
+                await stream_one(http, pick(n), body(prompt), record)
             except httpx.HTTPError as exc:
                 record.error = type(exc).__name__
 
-    await _until(end, [client(p) for p in prompts])
+    await _until(end, [client(n, p) for n, p in enumerate(prompts)])
 
 
 async def embed_client(http: httpx.AsyncClient, texts: list[str], start: float, end: float,
@@ -134,10 +142,10 @@ async def _until(end: float, work: list) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def run_load(url: str, task: str, prompts: list[str], tokens: int, warmup_s: float,
+async def run_load(url: str, task: str | TaskPicker, prompts: list[str], tokens: int, warmup_s: float,
                    duration_s: float, embed_texts: list[str] | None = None) -> dict:
-    """len(prompts) streaming clients (and, with `embed_texts`, one embedding client beside
-    them) for warmup + duration; the window's figures."""
+    """len(prompts) streaming clients of `task` (a name, or a picker: client -> name) (and,
+    with `embed_texts`, one embedding client beside them) for warmup + duration; the window's figures."""
     start = time.perf_counter() + warmup_s
     end = start + duration_s
     streams: list[Stream] = []
