@@ -1,8 +1,9 @@
 """Helpers shared by test modules, imported as `support` (the root conftest puts tests/ on sys.path).
 
-Test modules import helpers from here (and the process topology from support_topology), never from
-one another (STYLE.md). Sections: paths, bit-exact comparison, server settings and offline
-references, delta files, the SDK's mock transport, command-line output."""
+Test modules import helpers from here (the process topology from support_topology, the load test's
+client side from support_load), never from one another (STYLE.md). Sections: paths and waits,
+bit-exact comparison, server settings, offline references and a held worker, delta files, the SDK's
+mock transport, a store double for the engine, command-line output."""
 
 from __future__ import annotations
 
@@ -328,6 +329,8 @@ def sse(*chunks: dict, done: bool = True, error: dict | None = None) -> bytes:
 STORY = sse({"text": "Once"}, {"text": " upon"}, {"text": " a"},
             {"text": " time", "finish_reason": "length", "usage": USAGE})
 
+
+# --- a store double for the engine ----------------------------------------------------------------
 
 class MemoryStore:
     """The parts of `DeltaStore` the engine reads, in memory; `put` replaces a task."""
