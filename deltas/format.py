@@ -28,6 +28,10 @@ IDX_SUFFIX = "::idx"
 VAL_SUFFIX = "::val"
 HEAD_PREFIX = "head::"
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a header larger than this is hostile, not a delta
+# The server stores and returns these with every listing of the task: bounded, so a list of a
+# tenant's tasks stays small (labels are bounded by the server's own settings).
+MAX_NAME_CHARS = 256  # base_fingerprint, base_name, checksum
+MAX_PROVENANCE_CHARS = 64 * 1024  # the provenance JSON
 # How `NAME::idx` is stored (metadata key `encoding`): "plain" int32/int64 tensors, or
 # "gap-varint" uint8 streams (encoding.py); "compact" is the name `dumps` takes for the latter.
 PLAIN = "plain"
@@ -53,12 +57,12 @@ class DeltaMeta(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     format_version: int = FORMAT_VERSION
-    base_fingerprint: str = Field(min_length=1)
+    base_fingerprint: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
     kind: TaskKind
     labels: list[str] = Field(default_factory=list)
     provenance: Provenance
-    base_name: str = ""
-    checksum: str = ""
+    base_name: str = Field("", max_length=MAX_NAME_CHARS)
+    checksum: str = Field("", max_length=MAX_NAME_CHARS)
 
 
 @dataclass(frozen=True)
@@ -323,13 +327,24 @@ def _parse_meta(raw: object) -> DeltaMeta:
                             f"{FORMAT_VERSION})", "__metadata__")
     try:
         fields = {k: raw[k] for k in ("base_fingerprint", "kind", "checksum", "base_name") if k in raw}
-        fields["labels"] = json.loads(raw.get("labels", "[]"))
-        fields["provenance"] = json.loads(raw["provenance"]) if "provenance" in raw else None
+        fields["labels"] = _strict_json(raw.get("labels", "[]"))
+        if len(raw.get("provenance", "")) > MAX_PROVENANCE_CHARS:
+            raise ValueError(f"provenance is {len(raw['provenance'])} characters, over the limit "
+                             f"of {MAX_PROVENANCE_CHARS}")
+        fields["provenance"] = _strict_json(raw["provenance"]) if "provenance" in raw else None
         return DeltaMeta(format_version=version, **fields)
     except (ValueError, ValidationError, TypeError, RecursionError) as exc:
         # ValueError: not JSON, or an integer of more digits than Python converts;
         # RecursionError: JSON nested deeper than the parser recurses
         raise DeltaRejected(f"malformed metadata: {_short(exc)}", "__metadata__") from exc
+
+
+def _strict_json(text: str) -> Any:
+    """JSON without NaN or Infinity (Python's json reads them; they are not JSON, and the server
+    would hand them back to clients whose parsers refuse them)."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not a JSON value")
+    return json.loads(text, parse_constant=refuse)
 
 
 def _is_idx(key: str) -> bool:

@@ -1,7 +1,8 @@
 """Every bad input gets a 4xx, never a 500, and bounded work (issue 14, items 4 and 11, and what
-was found beyond them): malformed If-Match, names with a trailing newline, nested or oversized
-JSON in a delta's header and metadata, Redis errors without the driver's text, the reserved
-tenant name `admin`, texts past the character limit, labels past the label limits."""
+was found beyond them): malformed If-Match, names with a trailing newline, nested, oversized or
+non-JSON (NaN, Infinity) values in a delta's header and metadata, Redis errors without the
+driver's text, the reserved tenant name `admin`, texts past the character limit, labels past the
+label limits."""
 
 from __future__ import annotations
 
@@ -80,11 +81,20 @@ NESTED = "[" * 100_000 + "]" * 100_000
 
 @pytest.mark.parametrize(("name", "over", "words"), [
     ("nested labels", {"labels": NESTED}, ("malformed metadata", "nested")),
-    ("nested provenance", {"provenance": '{"method": "x", "density": 0.1, "a": ' + NESTED + "}"},
+    ("nested provenance", {"provenance": '{"method": "x", "density": 0.1, "a": ' + "[" * 30_000
+                           + "]" * 30_000 + "}"},  # within the provenance size limit
      ("malformed metadata", "nested")),
     ("an integer of 5000 digits", {"provenance": '{"method": "x", "density": 0.1, "a": '
                                    + "9" * 5000 + "}"}, ("malformed metadata", "digits")),
     ("labels not strings", {"labels": "[1, 2, 3]"}, ("malformed metadata",)),
+    # found beyond the issue: accepted, stored and handed back with every listing
+    ("Infinity in provenance", {"provenance": '{"method": "x", "density": 0.1, "z": Infinity}'},
+     ("malformed metadata", "Infinity is not a JSON value")),
+    ("NaN in labels", {"labels": '["a", NaN, "c"]'}, ("malformed metadata", "NaN")),
+    ("a 1 MB provenance", {"provenance": json.dumps({"method": "x", "density": 0.1,
+                                                     "k": ["y" * 100] * 10_000})},
+     ("malformed metadata", "over the limit of 65536")),
+    ("a 1 MB base_name", {"base_name": "x" * 1_000_000}, ("malformed metadata", "base_name")),
 ])
 def test_hostile_metadata_json_is_a_422(served, name, over, words):
     c, data, _ = served
