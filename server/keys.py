@@ -17,16 +17,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import BadTaskRequest
+
 _FORBIDDEN = frozenset("{}:")
+
+
+class InvalidName(BadTaskRequest, ValueError):
+    """A name no key may be built from: a 400 if one ever gets this far (the routes check names
+    first), never a 500."""
 
 
 def _checked(value: str, what: str) -> str:
     """Refuse names that could break out of a hash tag or collide with another key."""
     if not value:
-        raise ValueError(f"{what} name must not be empty")
+        raise InvalidName(f"{what} name must not be empty")
     bad = sorted(_FORBIDDEN.intersection(value))
     if bad or any(c.isspace() for c in value):
-        raise ValueError(f"{what} name {value!r} contains a character not allowed in keys")
+        raise InvalidName(f"{what} name {value!r} contains a character not allowed in keys")
     return value
 
 

@@ -16,6 +16,8 @@ from support import auth, settings_for
 from taskdelta.deltas import dumps, random_delta
 from taskdelta.server.app import create_app
 from taskdelta.server.auth import KeyRing
+from taskdelta.server.http_errors import status_of
+from taskdelta.server.keys import Keys
 from taskdelta.server.settings import Settings
 
 
@@ -169,3 +171,12 @@ def test_labels_are_bounded_at_upload(served, tiny_bert):
     long = dumps(random_delta(tiny_bert, 0.001, seed=3, kind="classify", labels=["a", "b" * 17]))
     assert_error(c.put("/v1/tasks/long", content=long), 422, "17 characters", "16")
     assert c.get("/v1/tasks/many").status_code == 404 and c.get("/v1/tasks/long").status_code == 404
+
+
+@pytest.mark.parametrize("name", ["a:b", "{t:x}", "t\n", "", "a b"])
+def test_a_name_no_key_may_hold_is_a_400_wherever_it_comes_from(name):
+    """Routes check names first; a route that forgot (a new one) must still not answer 500 when
+    the store refuses to build a key from the name."""
+    with pytest.raises(ValueError) as err:
+        Keys().meta("acme", name)
+    assert status_of(err.value) == (400, "bad_request")
