@@ -127,11 +127,11 @@ def test_mixed_batch_matches_each_tasks_merged_model_and_leaves_the_base_exact(
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-def test_linear_kernel_equals_dense_products_for_any_run_length_and_skips_out_of_place_indices(
+def test_linear_kernel_equals_dense_products_for_any_run_length_and_refuses_out_of_place_indices(
         index_dtype):
     """Runs of 1 to 130 rows (one pass and several, 8-row vectors full and not), a base gap, two
-    tokens a row; indices below a column's first or past the matrix are skipped, not read; the
-    same call twice gives the same bits."""
+    tokens a row; the same call twice gives the same bits; indices below a column's first, past
+    the matrix or out of order are refused (IndexError), never followed."""
     kernel = _mixed_kernel.load()
     if kernel is None:
         pytest.skip("the mixed kernels cannot be built here")
@@ -149,8 +149,8 @@ def test_linear_kernel_equals_dense_products_for_any_run_length_and_skips_out_of
         flat = dense.flatten().nonzero().flatten()
         junk_low = torch.tensor([-7, -1])  # before column 0's first index
         junk_high = torch.tensor([out * inp, out * inp + 5, 2**30])  # past the matrix
-        idxs.append(torch.cat([junk_low, flat, junk_high]).to(index_dtype))
-        vals.append(torch.cat([torch.full((2,), 1e30), dense.flatten()[flat], torch.full((3,), 1e30)]))
+        idxs.append(flat.to(index_dtype))
+        vals.append(dense.flatten()[flat])
         rows = slice(per_row * a, per_row * b)
         want[rows] += x[rows].double() @ dense.double().t()
     got = y.clone()
@@ -160,8 +160,11 @@ def test_linear_kernel_equals_dense_products_for_any_run_length_and_skips_out_of
     kernel.linear_fix(x, again, per_row, idxs, vals, starts, ends)
     assert torch.equal(bits(got), bits(again))
     shuffled = [i[torch.randperm(i.numel(), generator=gen)].contiguous() for i in idxs]
-    kernel.linear_fix(x, again, per_row, shuffled, vals, starts, ends)  # wrong sums, in bounds
-    with pytest.raises(RuntimeError, match="out of range"):
+    for junk in (shuffled[-1], torch.cat([junk_low.to(index_dtype), idxs[-1]]),
+                 torch.cat([idxs[-1], junk_high.to(index_dtype)])):
+        with pytest.raises(IndexError, match="out of place"):
+            kernel.linear_fix(x, again, per_row, [junk], [torch.ones(junk.numel())], [0], [1])
+    with pytest.raises(IndexError, match="out of range"):
         kernel.linear_fix(x, again, per_row, idxs[:1], vals[:1], [0], [ends[-1] + 1])
 
 
