@@ -64,7 +64,8 @@ class Base:
     @property
     def kinds(self) -> tuple[str, ...]:
         """The task kinds this base can serve."""
-        return ("classify", "generate", "embed") if self.is_causal_lm else ("classify", "embed")
+        return (("classify", "regress", "generate", "embed") if self.is_causal_lm
+                else ("classify", "regress", "embed"))
 
     @cached_property
     def numel(self) -> int:

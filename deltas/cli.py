@@ -105,7 +105,8 @@ def extract(
     output: OutOpt,
     density: Annotated[float, typer.Option(help="Fraction of base entries to keep")] = 0.01,
     scope: Annotated[str, typer.Option(help="global | per-tensor top-k")] = "global",
-    kind: Annotated[str | None, typer.Option(help="classify | generate | embed (default: inferred)")] = None,
+    kind: Annotated[str | None, typer.Option(help="classify | regress | generate | embed (default: "
+                                             "inferred)")] = None,
     refit: Annotated[bool, typer.Option(help="Then fine-tune the kept entries (mask fixed) on --data",
                                         rich_help_panel="Refit")] = False,
     data: DataOpt = None,
@@ -216,7 +217,7 @@ def random(
     output: OutOpt,
     density: Annotated[float, typer.Option(help="Fraction of every tensor's entries")] = 0.01,
     seed: int = 0,
-    kind: Annotated[str | None, typer.Option(help="classify | generate | embed")] = None,
+    kind: Annotated[str | None, typer.Option(help="classify | regress | generate | embed")] = None,
     encoding: EncodingOpt = "compact",
 ) -> None:
     """A synthetic delta with random entries, for load tests."""
@@ -246,8 +247,8 @@ def import_peft(
     density: Annotated[float | None, typer.Option(
         help="LoRA and other dense adapters: fraction of base entries to keep, largest first "
              "[default: every nonzero of the merged update]; SHiRA is imported exactly")] = None,
-    kind: Annotated[str | None, typer.Option(help="classify | generate | embed (default: the "
-                                             "adapter's task_type, else the base's)")] = None,
+    kind: Annotated[str | None, typer.Option(help="classify | regress | generate | embed (default: "
+                                             "the adapter's task_type, else the base's)")] = None,
     labels: Annotated[str | None, typer.Option(help="classify: label names, comma-separated "
                                                "(default: LABEL_0, LABEL_1, ...)")] = None,
     encoding: EncodingOpt = "compact",
@@ -315,8 +316,9 @@ def train(
     exclude: Annotated[list[str] | None, typer.Option(
         help="grad / fisher: tensors whose name contains this get no entries (their share of the "
              "budget goes to the rest); repeatable, e.g. --exclude word_embeddings")] = None,
-    kind: Annotated[str | None, typer.Option(help="classify | generate (default: generate for "
-                                             ".jsonl, else classify)")] = None,
+    kind: Annotated[str | None, typer.Option(help="classify | regress | generate (default: generate "
+                                             "for .jsonl, else classify); regress: --label-col holds "
+                                             "a number, e.g. STS-B's score")] = None,
     text_col: TextColOpt = "sentence",
     pair_col: PairColOpt = None,
     label_col: LabelColOpt = "label",
@@ -337,12 +339,12 @@ def train(
     from .format import save
     from .masks import MASK_KINDS, mask_nnz
     from .recipe import choose_mask, default_kind, describe, load_task_data, provenance, sparse_lr
-    from .train import TrainConfig, evaluate, probe_head, train_sparse
+    from .train import TRAINABLE_KINDS, TrainConfig, evaluate, probe_head, train_sparse
     from .validate import validate
 
     kind = kind or default_kind(data)
-    if kind not in ("classify", "generate"):
-        _fail(ValueError(f"--kind must be classify or generate, not {kind!r}"))
+    if kind not in TRAINABLE_KINDS:
+        _fail(ValueError(f"--kind must be one of {', '.join(TRAINABLE_KINDS)}, not {kind!r}"))
     if mask not in MASK_KINDS:
         _fail(ValueError(f"--mask must be one of {', '.join(MASK_KINDS)}, not {mask!r}"))
     _quiet_transformers()
@@ -388,11 +390,12 @@ def _refit(b: Base, delta: TaskDelta, data: Path, cfg: TrainConfig, *, text_col:
            pair_col: str | None, label_col: str, val_size: int | None,
            train_size: int | None) -> tuple[TaskDelta, Callable[[int], str]]:
     """extract --refit: train the extracted entries (mask fixed) and head; (delta, summary maker)."""
+    from .format import HEAD_KINDS
     from .recipe import describe, load_task_data, provenance
     from .train import evaluate
     from .train import refit as run_refit
 
-    labels = delta.meta.labels if delta.meta.kind == "classify" else None
+    labels = delta.meta.labels if delta.meta.kind in HEAD_KINDS else None
     task = load_task_data(b, data, delta.meta.kind, text_col=text_col, label_col=label_col,
                           pair_col=pair_col, labels=labels, val_size=val_size, train_size=train_size,
                           max_length=cfg.max_length, seed=cfg.seed)

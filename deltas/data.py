@@ -8,6 +8,7 @@ training file with a seeded permutation, so every run of every method sees the s
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ IGNORE = -100  # label id the loss skips (prompt tokens, padding)
 @dataclass(frozen=True)
 class Example:
     text: Text
-    label: int
+    label: int | float  # a class id (classify), or the target value (regress)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,27 @@ def load_classify(path: str | Path, text_col: str, label_col: str, pair_col: str
     examples = [Example((str(r[text_col]), str(r[pair_col])) if pair_col else str(r[text_col]), ids[v])
                 for r, v in zip(rows, values, strict=True)]
     return ClassifyData(labels=labels, examples=examples)
+
+
+def load_regress(path: str | Path, text_col: str, label_col: str,
+                 pair_col: str | None = None) -> list[Example]:
+    """Texts (or pairs) and float targets (STS-B's 0-5 similarity), for a regress task."""
+    rows = read_rows(path)
+    cols = [text_col, label_col] + ([pair_col] if pair_col else [])
+    missing = [c for c in cols if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"{path}: no column {missing[0]!r} (columns: {', '.join(rows[0])})")
+    examples = []
+    for n, r in enumerate(rows, start=2):
+        try:
+            value = float(r[label_col])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}:{n}: {label_col} is {r[label_col]!r}, not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{path}:{n}: {label_col} is {r[label_col]!r}, not a finite number")
+        text = (str(r[text_col]), str(r[pair_col])) if pair_col else str(r[text_col])
+        examples.append(Example(text, value))
+    return examples
 
 
 def _label_order(values: set[str]) -> list[str]:
@@ -167,11 +189,12 @@ def causal_features(tokenizer: Any, items: Sequence[Instruction], max_length: in
 
 
 def collate(features: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest in the batch; `labels` is a [batch] class id or padded with IGNORE."""
+    """Right-pad to the longest in the batch; `labels` is a [batch] class id (int64) or target
+    (float32, regress), or padded with IGNORE."""
     width = max(len(f["input_ids"]) for f in features)
     batch: dict[str, torch.Tensor] = {}
     for key in features[0]:
-        if key == "labels" and isinstance(features[0]["labels"], int):
+        if key == "labels" and isinstance(features[0]["labels"], int | float):
             batch[key] = torch.tensor([f["labels"] for f in features])  # [batch]
             continue
         fill = {"input_ids": pad_id, "labels": IGNORE}.get(key, 0)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 
 from .base import Base
-from .format import DeltaMeta, Provenance, SparseTensor, TaskDelta
+from .format import HEAD_KINDS, DeltaMeta, Provenance, SparseTensor, TaskDelta
 
 Scope = Literal["global", "per-tensor"]
 Progress = Callable[[str], None]
@@ -32,9 +32,10 @@ def load_finetuned(folder: str | Path) -> Any:
 
 
 def infer_kind(model: Any) -> str:
+    """A sequence classifier with one output is a regression (as transformers reads num_labels=1)."""
     name = type(model).__name__
     if name.endswith("ForSequenceClassification"):
-        return "classify"
+        return "regress" if getattr(model.config, "num_labels", 2) == 1 else "classify"
     if name.endswith("ForCausalLM"):
         return "generate"
     return "embed"
@@ -83,13 +84,13 @@ def extract(base: Base, finetuned: Any, density: float, scope: Scope = "global",
     kind = kind or infer_kind(finetuned)
     if labels is None:
         id2label = getattr(finetuned.config, "id2label", None) or {}
-        labels = [str(id2label[i]) for i in sorted(id2label)] if kind == "classify" else []
+        labels = [str(id2label[i]) for i in sorted(id2label)] if kind in HEAD_KINDS else []
     nnz = sum(t.nnz for t in tensors.values())
     meta = DeltaMeta(base_fingerprint=base.fingerprint, base_name=base.name, kind=kind,
                      labels=labels, provenance=Provenance(method="extract", density=nnz / base.numel,
                                                           target_density=density, scope=scope))
     return TaskDelta(meta=meta, tensors=tensors,
-                     heads={n: h.cpu().contiguous() for n, h in heads.items()} if kind == "classify"
+                     heads={n: h.cpu().contiguous() for n, h in heads.items()} if kind in HEAD_KINDS
                      else {})
 
 

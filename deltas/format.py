@@ -37,8 +37,13 @@ MAX_PROVENANCE_CHARS = 64 * 1024  # the provenance JSON
 PLAIN = "plain"
 ENCODINGS: tuple[str, ...] = (PLAIN, codec.GAP_VARINT)
 ENCODING_ALIASES = {"compact": codec.GAP_VARINT, "v1": PLAIN}
-TaskKind = Literal["classify", "generate", "embed"]
-TASK_KINDS: tuple[str, ...] = ("classify", "generate", "embed")
+TaskKind = Literal["classify", "regress", "generate", "embed"]
+TASK_KINDS: tuple[str, ...] = ("classify", "regress", "generate", "embed")
+# Kinds whose task model is the base's sequence-classification wrapper: the shared backbone, its
+# pooler and a dense head of one output per label. A regress task is that model with one output
+# (its single label names the value, e.g. "score"), read raw instead of through a softmax: one
+# code path, the head's width taken from the labels for both.
+HEAD_KINDS: tuple[str, ...] = ("classify", "regress")
 
 _ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL",
               "F8_E4M3", "F8_E5M2", "U16", "U32", "U64"}

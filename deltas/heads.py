@@ -1,8 +1,9 @@
 """Task heads: dense modules a task adds on top of the shared backbone (a classifier).
 
-A classify task runs the transformers `AutoModelForSequenceClassification` of the base's config,
-built with the *shared* base backbone inside it and the delta's `head::` tensors as its remaining
-parameters. Its forward is the same code as the offline fine-tuned model's, so outputs match.
+A classify or regress task runs the transformers `AutoModelForSequenceClassification` of the base's
+config, built with the *shared* base backbone inside it and the delta's `head::` tensors as its
+remaining parameters; its head has one output per label (a regress task: one label, one output).
+Its forward is the same code as the offline fine-tuned model's, so outputs match.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from .base import Base
+from .format import HEAD_KINDS
 
 
 def classify_config(base: Base, labels: list[str]) -> Any:
@@ -29,7 +31,7 @@ def classify_config(base: Base, labels: list[str]) -> Any:
 
 def head_spec(base: Base, kind: str, num_labels: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names -> (shape, dtype) of the head tensors a task of this kind must carry."""
-    if kind != "classify":
+    if kind not in HEAD_KINDS:
         return {}
     return dict(_classify_spec(base, num_labels))
 

@@ -54,12 +54,13 @@ from ._mixed_forms import (
 )
 from ._mixed_paths import Batch, KernelPath, TorchPath
 from .base import Base
+from .format import HEAD_KINDS
 from .swap import PreparedDelta
 
 __all__ = ["EmbeddingFix", "Fix", "LinearFix", "MixedDelta", "Mixer", "NormFix", "SparseMatrix",
            "module_kind", "pooled_logits"]
 
-MIXABLE_KINDS = ("classify", "embed", "generate")
+MIXABLE_KINDS = ("classify", "regress", "embed", "generate")
 # model type -> the part of the model whose modules get hooks: an encoder's backbone (the heads
 # run on its output), a causal LM's whole model (its LM head is outside the backbone). Mistral and
 # Qwen2 (q/k/v biases) are Llama's modules under other names; each one listed is tested
@@ -164,7 +165,7 @@ class Mixer:
         if delta.kind not in MIXABLE_KINDS:
             return f"a {delta.kind!r} task cannot be mixed"
         head = type(delta.head).__name__
-        if delta.kind == "classify" and head != POOLED_HEADS.get(self.model_type):
+        if delta.kind in HEAD_KINDS and head != POOLED_HEADS.get(self.model_type):
             return f"head {head} cannot run on the shared backbone output"
         for name in delta.names:
             if name not in self._targets:
@@ -284,5 +285,6 @@ class _Hook:
 
 
 def pooled_logits(head: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
-    """A pooled-output classifier head on its rows of the shared backbone's pooled output."""
+    """A pooled-output classifier head on its rows of the shared backbone's pooled output (a
+    regress task's head: one output)."""
     return head.classifier(head.dropout(pooled))  # [rows, labels]

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from .base import Base
 from .extract import _select
-from .format import DeltaMeta, Provenance, SparseTensor, TaskDelta
+from .format import HEAD_KINDS, DeltaMeta, Provenance, SparseTensor, TaskDelta
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -75,12 +75,12 @@ def import_peft(base: Base, folder: str | Path, density: float | None = None,
     else:
         dense = lora_updates(base, adapter) if _plain_lora(adapter) else merged_updates(base, adapter)
         tensors, energy = sparsify(base, _add(dense, saved), density)
-    kind = kind or _kind_of(base, adapter)
-    if kind == "classify":
+    kind = kind or _kind_of(base, adapter, heads)
+    if kind in HEAD_KINDS:
         labels = labels or _default_labels(heads)
     elif heads:
-        raise ValueError(f"modules {sorted(heads)} are not in the base; only a classify task can "
-                         "carry them (as its head): pass --kind classify")
+        raise ValueError(f"modules {sorted(heads)} are not in the base; only a classify or regress "
+                         "task can carry them (as its head): pass --kind classify or regress")
     nnz = sum(t.nnz for t in tensors.values())
     provenance = Provenance(method="import-peft", density=nnz / base.numel,
                             peft_type=adapter.peft_type, target_density=density,
@@ -268,8 +268,10 @@ def _add(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
-def _kind_of(base: Base, adapter: Adapter) -> str:
+def _kind_of(base: Base, adapter: Adapter, heads: dict[str, torch.Tensor]) -> str:
     task_type = adapter.config.get("task_type")
+    if task_type == "SEQ_CLS" and _head_width(heads) == 1:
+        return "regress"  # one output: transformers' regression (num_labels=1)
     if task_type in KINDS:
         return KINDS[task_type]
     return "generate" if base.is_causal_lm else "embed"
@@ -277,10 +279,17 @@ def _kind_of(base: Base, adapter: Adapter) -> str:
 
 def _default_labels(heads: dict[str, torch.Tensor]) -> list[str]:
     """LABEL_0.. as transformers names them, one per row of the head's last weight."""
+    width = _head_width(heads)
+    if width is None:
+        raise ValueError("a classify or regress task needs its head in modules_to_save (the "
+                         "classifier)")
+    return [f"LABEL_{i}" for i in range(width)]
+
+
+def _head_width(heads: dict[str, torch.Tensor]) -> int | None:
+    """Outputs of the head: rows of its last weight matrix (None: no head)."""
     weights = [t for n, t in heads.items() if n.endswith("weight") and t.dim() == 2]
-    if not weights:
-        raise ValueError("a classify task needs its head in modules_to_save (the classifier)")
-    return [f"LABEL_{i}" for i in range(weights[-1].shape[0])]
+    return int(weights[-1].shape[0]) if weights else None
 
 
 # --- out: a merged Hugging Face folder --------------------------------------------------------
@@ -296,7 +305,7 @@ def export_merged(base: Base, delta: TaskDelta, folder: str | Path) -> Path:
     prepared = prepare(delta, base)
     merge_into(base.params, prepared)
     model = base.model
-    if delta.meta.kind == "classify":
+    if delta.meta.kind in HEAD_KINDS:
         model = build_classifier(base, delta.meta.labels, delta.heads)
     model.save_pretrained(folder)
     if base.tokenizer is not None:

@@ -17,10 +17,11 @@ from .data import (
     classify_features,
     load_classify,
     load_instructions,
+    load_regress,
     read_rows,
     subsample,
 )
-from .format import TaskDelta
+from .format import HEAD_KINDS, TaskDelta
 from .masks import MASK_KINDS, Mask, magnitude_mask, mask_from_scores, random_mask
 from .train import Progress, TrainConfig, Trained, gradient_scores, task_tensors
 
@@ -44,7 +45,7 @@ class TaskData:
     train: list[dict]
     val: list[dict]
     val_texts: list[Any]  # the raw validation inputs (texts or pairs; prompts for generate)
-    val_labels: list[int]
+    val_labels: list[int] | list[float]  # class ids (classify), targets (regress)
 
 
 def default_kind(path: str | Path) -> str:
@@ -61,6 +62,9 @@ def load_task_data(base: Base, path: str | Path, kind: str, *, text_col: str = "
                                                                                         labels))
         items: list[Any] = data.examples
         label_names = list(labels) if labels is not None else data.labels
+    elif kind == "regress":  # one output, named after the file's column unless `labels` names it
+        items = load_regress(path, text_col, label_col, pair_col)
+        label_names = list(labels or [label_col])
     elif kind == "generate":
         items, label_names = load_instructions(path, base.tokenizer), []
     else:
@@ -69,7 +73,7 @@ def load_task_data(base: Base, path: str | Path, kind: str, *, text_col: str = "
         val_size = min(MAX_DEFAULT_VAL, max(1, round(DEFAULT_VAL_FRACTION * len(items))))
     train, val = carve(items, val_size, seed) if val_size > 0 else (list(items), [])
     train = subsample(train, train_size, seed)
-    if kind == "classify":
+    if kind in HEAD_KINDS:
         return TaskData(kind, label_names, classify_features(base.tokenizer, train, max_length),
                         classify_features(base.tokenizer, val, max_length) if val else [],
                         [e.text for e in val], [e.label for e in val])
@@ -134,6 +138,9 @@ def describe(delta: TaskDelta, size: int, trained: Trained, metrics: dict[str, f
              f"train loss {trained.train_loss:.4f} over {trained.steps} steps"]
     if not metrics:
         lines.append("no validation split")
+    elif "pearson" in metrics:
+        lines.append(f"validation Pearson {metrics['pearson']:.4f}, Spearman {metrics['spearman']:.4f} "
+                     f"(mean squared error {metrics['loss']:.4f}) on {n_val} examples")
     elif "accuracy" in metrics:
         lines.append(f"validation accuracy {metrics['accuracy']:.4f} (loss {metrics['loss']:.4f}) "
                      f"on {n_val} examples")

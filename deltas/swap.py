@@ -26,7 +26,7 @@ import torch
 from . import _kernel
 from .base import Base
 from .errors import SwapError
-from .format import TaskDelta
+from .format import HEAD_KINDS, TaskDelta
 from .heads import build_classifier
 from .layout import FlatLayout, consolidate
 
@@ -89,7 +89,7 @@ class PreparedDelta:
     names: tuple[str, ...]  # base tensor names, one per (idx, inc) pair
     idx: tuple[torch.Tensor, ...]  # [nnz] int32 (int64 for 2^31+ entries), strictly increasing
     inc: tuple[torch.Tensor, ...]  # [nnz] in the base tensor's dtype
-    head: torch.nn.Module | None = None  # the task model for classify (shares the backbone)
+    head: torch.nn.Module | None = None  # the task model for classify/regress (shares the backbone)
     plan: Plan | None = field(default=None, repr=False)
 
     @property
@@ -118,7 +118,7 @@ def layout_of(base: Base) -> FlatLayout:
 
 def prepare(delta: TaskDelta, base: Base, name: str = "") -> PreparedDelta:
     """Decode a (validated) delta for `base`: packed per weight buffer, increments in the base
-    dtype, on the base's device; for classify, the head model built."""
+    dtype, on the base's device; for classify and regress, the head model built."""
     layout = layout_of(base)
     device = base.device
     sparse = {n: (sp.idx, sp.val.to(layout.dtype[n])) for n, sp in delta.tensors.items()
@@ -135,7 +135,7 @@ def prepare(delta: TaskDelta, base: Base, name: str = "") -> PreparedDelta:
         idx += [part.idx[a:b] for a, b in zip(ends, ends[1:], strict=False)]
         inc += [part.inc[a:b] for a, b in zip(ends, ends[1:], strict=False)]
     head = None
-    if delta.meta.kind == "classify":
+    if delta.meta.kind in HEAD_KINDS:
         head = build_classifier(base, list(delta.meta.labels), delta.heads)
     return PreparedDelta(name=name, kind=delta.meta.kind, labels=tuple(delta.meta.labels),
                          names=tuple(names), idx=tuple(idx), inc=tuple(inc), head=head, plan=plan)

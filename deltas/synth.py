@@ -30,7 +30,7 @@ def random_delta(base: Base, density: float, seed: int = 0, kind: str | None = N
         raise ValueError(f"density must be in [0, 1], got {density}")
     gen = torch.Generator().manual_seed(seed)
     kind = kind or ("generate" if base.is_causal_lm else "embed")
-    labels = labels or (["negative", "positive"] if kind == "classify" else [])
+    labels = labels or {"classify": ["negative", "positive"], "regress": ["score"]}.get(kind, [])
     tensors = {}
     for name, p in base.params.items():
         idx = random_indices(p.numel(), round(density * p.numel()), gen)

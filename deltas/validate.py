@@ -56,6 +56,9 @@ def check_meta(delta: TaskDelta, base: Base) -> None:
                             f"(it serves {', '.join(base.kinds)})", "__metadata__.kind")
     if meta.kind == "classify" and len(meta.labels) < 2:
         raise DeltaRejected("a classify delta needs at least 2 labels", "__metadata__.labels")
+    if meta.kind == "regress" and len(meta.labels) != 1:
+        raise DeltaRejected(f"a regress delta needs exactly 1 label (the name of its output, e.g. "
+                            f"'score'), not {len(meta.labels)}", "__metadata__.labels")
     if len(set(meta.labels)) != len(meta.labels):
         raise DeltaRejected("labels are not unique", "__metadata__.labels")
 
