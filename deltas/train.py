@@ -25,11 +25,11 @@ from torch.func import functional_call
 
 from .base import Base
 from .data import IGNORE, batches, n_batches
-from .format import DeltaMeta, Provenance, SparseTensor, TaskDelta
+from .format import HEAD_KINDS, DeltaMeta, Provenance, SparseTensor, TaskDelta
 from .heads import build_classifier, head_spec
 from .masks import GradScores, Mask, accumulate_grads
 
-TRAINABLE_KINDS = ("classify", "generate")
+TRAINABLE_KINDS = ("classify", "regress", "generate")
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,9 @@ class Trained:
 # ---- the task network over the shared base ------------------------------------------------------
 
 def task_net(base: Base, kind: str, labels: Sequence[str], heads: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The module a task runs: a classifier over the shared backbone, or the base causal LM."""
-    if kind == "classify":
+    """The module a task runs: a classifier (or regressor) over the shared backbone, or the base
+    causal LM."""
+    if kind in HEAD_KINDS:
         return build_classifier(base, list(labels), heads)
     if kind == "generate":
         if not base.is_causal_lm:
@@ -122,6 +123,8 @@ def _inputs(batch: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor
 def _loss(out: Any, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
     if kind == "classify":
         return torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"])
+    if kind == "regress":  # the head's one output against the float target
+        return torch.nn.functional.mse_loss(out.logits.float()[:, 0], batch["labels"].float())
     return out.loss
 
 
@@ -185,7 +188,7 @@ class SparseTaskModel:
             itype = torch.int32 if target.numel() < 2**31 else torch.int64
             tensors[name] = SparseTensor(idx.to(itype).cpu(), val.detach().to(target.dtype).cpu().clone())
         meta = DeltaMeta(base_fingerprint=self.base.fingerprint, base_name=self.base.name, kind=self.kind,
-                         labels=self.labels if self.kind == "classify" else [],
+                         labels=self.labels if self.kind in HEAD_KINDS else [],
                          provenance=Provenance(method=method, density=self.nnz / self.base.numel,
                                                **provenance))
         heads = {n: p.detach().cpu().clone() for n, p in self.head.items()}
@@ -292,7 +295,10 @@ def fit(model: SparseTaskModel | FullTaskModel, features: Sequence[dict], cfg: T
 @torch.no_grad()
 def evaluate(model: SparseTaskModel | FullTaskModel, features: Sequence[dict], batch_size: int = 64,
              progress: Progress | None = None) -> dict[str, float]:
-    """classify: accuracy and mean loss; generate: mean loss per response token and perplexity."""
+    """classify: accuracy and mean loss; regress: Pearson, Spearman and mean squared error (loss);
+    generate: mean loss per response token and perplexity."""
+    if model.kind == "regress":
+        return _evaluate_regress(model, features, batch_size, progress)
     model.train(False)
     total, loss_sum, correct, count = n_batches(len(features), batch_size), 0.0, 0, 0
     for i, batch in enumerate(batches(features, batch_size, pad_id=_pad_id(model.base))):
@@ -311,6 +317,40 @@ def evaluate(model: SparseTaskModel | FullTaskModel, features: Sequence[dict], b
         return {"accuracy": correct / max(1, count), "loss": loss_sum / max(1, count)}
     mean = loss_sum / max(1, count)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+
+def _evaluate_regress(model: SparseTaskModel | FullTaskModel, features: Sequence[dict], batch_size: int,
+                      progress: Progress | None) -> dict[str, float]:
+    model.train(False)
+    preds: list[float] = []
+    total = n_batches(len(features), batch_size)
+    for i, batch in enumerate(batches(features, batch_size, pad_id=_pad_id(model.base))):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        preds += model(**inputs).logits.float()[:, 0].tolist()
+        if progress:
+            progress(Step("evaluating", i + 1, total))
+    return regression_metrics(preds, [float(f["labels"]) for f in features])
+
+
+def regression_metrics(preds: Sequence[float], targets: Sequence[float]) -> dict[str, float]:
+    """Pearson and Spearman correlation (STS-B's metrics) and the mean squared error ("loss")."""
+    p, t = torch.tensor(preds, dtype=torch.float64), torch.tensor(targets, dtype=torch.float64)
+    return {"pearson": _pearson(p, t), "spearman": _pearson(_ranks(p), _ranks(t)),
+            "loss": float(((p - t) ** 2).mean()) if len(p) else math.nan}
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denom if denom else math.nan  # a constant: undefined
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks from 0, ties given the mean of their positions (as Spearman's rho needs)."""
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts  # first position of each distinct value, sorted
+    mean = first.double() + (counts.double() - 1) / 2
+    return mean[inverse]
 
 
 def causal_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
