@@ -316,7 +316,8 @@ def measure(args, base: Base, work: Path, out: dict) -> None:
                        for n in args.peft_rows]
     out.update(rows=rows, reference_before=before, reference_after=after)
     out["table"] = table(rows, {c: before.get(c, after[c]) for c in after}, after)
-    out["table"] += "\n\n" + goals_table(rows, out)
+    if any(r["scenario"] in MANY for r in rows):  # the goals are the many-task scenarios'
+        out["table"] += "\n\n" + goals_table(rows, out)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

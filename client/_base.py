@@ -133,6 +133,7 @@ RETRYABLE_TRANSPORT_ERRORS = (httpx.TimeoutException, httpx.NetworkError,
                               httpx.RemoteProtocolError)
 # The request provably never left this machine: replaying it cannot apply anything twice.
 NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+REFUSED_UNAPPLIED = 429  # refused at admission, before the body is read: replay-safe for any request
 
 
 def is_retryable_status(status_code: int) -> bool:
@@ -170,8 +171,10 @@ class RetryPolicy:
       after a first attempt that did land is refused (409) instead of applying twice or
       overwriting a version somebody else wrote in between;
     - without it, only after a connect error (`ConnectError`, `ConnectTimeout`, `PoolTimeout`):
-      the request never left this machine. A 503, a timeout or a reset connection may come
-      after the server (or a proxy in front of it) already applied the upload, so those raise.
+      the request never left this machine; or after a 429: the server's admission (the upload
+      gate, a full queue) refuses before it reads the body, so nothing was applied. A 503, a
+      timeout or a reset connection may come after the server (or a proxy in front of it) already
+      applied the upload, so those raise.
     Inference (classify, embed, generate) changes nothing and is always retryable.
     """
 
@@ -332,7 +335,7 @@ class BaseClient:
             if not opts.replay_safe and not isinstance(error, NOT_SENT_ERRORS):
                 return None
         elif response is None or not is_retryable_status(response.status_code) or (
-                not opts.replay_safe):
+                not opts.replay_safe and response.status_code != REFUSED_UNAPPLIED):
             return None
         delay = self.retry_policy.delay(
             retries_done, response.headers if response is not None else None, self._random())

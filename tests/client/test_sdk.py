@@ -237,6 +237,16 @@ def test_upload_without_if_match_is_not_replayed_after_a_503():
     assert len(rec.requests) == 1 and sleeps == []
 
 
+def test_upload_without_if_match_is_replayed_after_a_429():
+    """A 429 is the server's admission refusing before it reads the body (the upload gate: too
+    many uploads in progress), so nothing was applied and sending it again is safe."""
+    rec = Recorder(error(429, "rate_limited", headers={"Retry-After": "1"}), ok(status=201))
+    client, sleeps = client_for(rec, max_retries=3)
+    assert client.tasks.upload("sst2", b"delta-bytes").name == "sst2"
+    assert len(rec.requests) == 2 and sleeps == [1.0]
+    assert all(r.content == b"delta-bytes" for r in rec.requests)
+
+
 def test_upload_with_if_match_is_replayed_after_a_503():
     rec = Recorder(error(503, "unavailable"), ok())
     client, sleeps = client_for(rec, max_retries=3)

@@ -43,7 +43,9 @@ def test_quick_run_prints_a_row_per_scenario_and_level(chatty_llama: Path, tmp_p
     # a bound, not a timing claim: the run takes ~30 s on 2 busy cores
     run = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    table = [line for line in run.stdout.splitlines() if line.startswith("| ")]
+    # the first table is the throughput table (a goals table follows it after a blank line)
+    first = run.stdout[run.stdout.index("\n| "):].split("\n\n")[0]
+    table = [line for line in first.splitlines() if line.startswith("| ")]
     assert [line.split(" | ")[:2] for line in table[2:]] == [
         ["| base", "1"], ["| base", "4"], ["| task", "1"], ["| task", "4"], ["| base+embed", "4"]]
     rows = json.loads(out.read_text())["rows"]

@@ -158,8 +158,11 @@ async def outage(redis_proc, how: str, url: str, load: Load) -> Outage:
 
 def test_redis_outages_under_load_fail_fast_keep_cached_tasks_and_lose_no_ack(
         tiny_bert, redis_proc, tmp_path, live_server):
+    # the three upload clients are one tenant's: the per-tenant upload gate admits all three, so an
+    # upload's answer says what Redis did (201 or 503), not that the gate was full (429)
     s = Settings(redis_url=redis_proc.url, data_dir=tmp_path / "data", api_keys=f"acme:{KEY}",
-                 max_wait_ms=1.0, version_check_s=VERSION_CHECK_S, request_timeout_s=TIMEOUT_S)
+                 max_wait_ms=1.0, version_check_s=VERSION_CHECK_S, request_timeout_s=TIMEOUT_S,
+                 max_uploads_per_tenant=3)
     bodies = [dumps(random_delta(tiny_bert, 0.0005, seed=i, kind="classify", labels=["a", "b"]))
               for i in range(3)]
     with live_server(create_app(s, base=tiny_bert)) as srv:
