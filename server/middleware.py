@@ -14,12 +14,17 @@ from fastapi.security.utils import get_authorization_scheme_param
 from starlette.exceptions import HTTPException
 
 from .errors import Unauthorized
-from .http_errors import error_response
+from .http_errors import dialect_of, error_response
 from .metrics import UNMATCHED, Metrics, method_label, status_label
 
 log = logging.getLogger("taskdelta.http")
 RID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-AUTHENTICATED_PREFIX = "/v1/"  # every tenant route; health, readiness, metrics and docs are not
+AUTHENTICATED_PREFIX = "/v1/"  # tenant routes; health, readiness, metrics and docs are not
+
+
+def is_tenant_route(path: str) -> bool:
+    """Every path under /v1/ and the LoRAX routes (`/`, `/generate`, `/generate_stream`)."""
+    return path.startswith(AUTHENTICATED_PREFIX) or dialect_of(path) == "lorax"
 
 
 class RequestContext:
@@ -76,7 +81,7 @@ def _unauthenticated(scope, headers: dict[bytes, bytes], rid: str):
     dependencies (where the tenant is checked again): an anonymous caller must not make the server
     buffer or parse anything."""
     state = getattr(getattr(scope.get("app"), "state", None), "taskdelta", None)
-    if state is None or not state.keys.enabled or not scope["path"].startswith(AUTHENTICATED_PREFIX):
+    if state is None or not state.keys.enabled or not is_tenant_route(scope["path"]):
         return None
     scheme, key = get_authorization_scheme_param(
         headers.get(b"authorization", b"").decode("latin-1"))
@@ -85,7 +90,8 @@ def _unauthenticated(scope, headers: dict[bytes, bytes], rid: str):
     except Unauthorized as exc:
         # the unread body is dropped with the connection rather than drained
         return error_response(401, "unauthorized", str(exc), rid,
-                              {"WWW-Authenticate": "Bearer", "Connection": "close"})
+                              {"WWW-Authenticate": "Bearer", "Connection": "close"},
+                              dialect_of(scope["path"]))  # the route's client reads its own shape
     return None
 
 
