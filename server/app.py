@@ -65,11 +65,16 @@ async def _start(settings: Settings, base: Base | None, store: DeltaStore | None
     if store is None:
         url = settings.redis_url
         if url is None:
+            if settings.redis_wait_replicas:
+                raise ValueError("TASKDELTA_REDIS_WAIT_REPLICAS needs TASKDELTA_REDIS_URL: the "
+                                 "embedded Redis has no replicas")
             embedded = EmbeddedRedis(settings.data_dir)
             stack.callback(embedded.close)
             url = embedded.url
             log.info("no TASKDELTA_REDIS_URL: embedded Redis under %s", settings.data_dir)
-        store = RedisStore(url, chunk_bytes=settings.chunk_bytes)
+        store = RedisStore(url, chunk_bytes=settings.chunk_bytes,
+                           wait_replicas=settings.redis_wait_replicas,
+                           wait_timeout_s=settings.redis_wait_timeout_s)
         stack.push_async_callback(store.close)
     if settings.torch_threads is not None:  # before any forward: a fixed, comparable compute
         torch.set_num_threads(settings.torch_threads)

@@ -51,3 +51,12 @@ class StoreUnavailable(ServerError):
 
 class PayloadTooLarge(ServerError):
     pass
+
+
+class NotReplicated(StoreUnavailable):
+    """An upload committed on the Redis primary that fewer replicas than required confirmed in
+    time (TASKDELTA_REDIS_WAIT_REPLICAS): stored, but not acknowledged as replicated."""
+
+    def __init__(self, message: str, version: int) -> None:
+        super().__init__(message)
+        self.version = version

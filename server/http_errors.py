@@ -51,7 +51,9 @@ ERROR_DOCS = {400: "The task cannot do this (wrong kind, or `base`)", 401: "Miss
               409: "If-Match is not the task's current version", 413: "Body over the size limit",
               422: "Invalid request, or a delta that was refused (the message names the problem)",
               429: "Overloaded: retry after Retry-After seconds",
-              503: "The task store (Redis) is unavailable", 504: "The request missed its deadline"}
+              503: "The task store (Redis) is unavailable (or, where replicas are required, an upload "
+                   "was committed but not confirmed by them: the message says which version)",
+              504: "The request missed its deadline"}
 
 
 Dialect = Literal["native", "openai", "lorax"]

@@ -12,7 +12,7 @@ from taskdelta.client.types import Deleted, TaskInfo, TaskList
 from taskdelta.deltas import DeltaRejected
 
 from .deps import AppState, StateDep, TaskName, TenantDep
-from .errors import BadTaskRequest, Forbidden
+from .errors import BadTaskRequest, Forbidden, NotReplicated
 from .http_errors import error_responses
 from .limits import check_labels
 from .registry import BASE_TASK
@@ -65,9 +65,13 @@ async def upload_task(task: TaskName, request: Request, response: Response, stat
         data = await read_upload(request, s.max_delta_bytes, allowance, reservation)
         info = await _checked_info(state, data)
         existed = await state.store.current_version(tenant.name, task) is not None
-        stored = await state.store.put(tenant.name, task, data, info, if_match=expected,
-                                       max_tasks=s.max_tasks_per_tenant,
-                                       max_bytes=s.max_bytes_per_tenant)
+        try:
+            stored = await state.store.put(tenant.name, task, data, info, if_match=expected,
+                                           max_tasks=s.max_tasks_per_tenant,
+                                           max_bytes=s.max_bytes_per_tenant)
+        except NotReplicated:  # committed on the primary, not acknowledged: the 503 says so
+            state.registry.invalidate(tenant.name, task)
+            raise
     state.registry.invalidate(tenant.name, task)
     state.metrics.uploads.labels("replaced" if existed else "created").inc()
     response.status_code = 200 if existed else 201

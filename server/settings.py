@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     max_delta_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="Upload size limit")
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Other (JSON) bodies' limit")
     version_check_s: float = Field(5.0, gt=0, description="Cache hits re-check the version this often")
+    redis_wait_replicas: int = Field(0, ge=0, le=64, description="Acknowledge an upload only "
+                                     "once this many Redis replicas have received it (WAIT); "
+                                     "fewer within the timeout: 503. 0: do not wait")
+    redis_wait_timeout_s: float = Field(2.0, gt=0, le=4.0, description="How long an upload waits "
+                                        "for those replicas (under the store's 5 s socket timeout)")
 
     # http
     host: str = "127.0.0.1"

@@ -26,7 +26,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, RedisClusterException, RedisError
 
-from .errors import QuotaExceeded, ServerError, StoreUnavailable, TaskNotFound, VersionConflict
+from .errors import (
+    NotReplicated,
+    QuotaExceeded,
+    ServerError,
+    StoreUnavailable,
+    TaskNotFound,
+    VersionConflict,
+)
 from .keys import Keys
 
 log = logging.getLogger("taskdelta.store")
@@ -243,9 +250,19 @@ class RedisStore:
     def __init__(self, url: str, chunk_bytes: int = 32 * 1024 * 1024, *,
                  keys: Keys | None = None, socket_timeout_s: float = 5.0,
                  connect_timeout_s: float = 2.0, pending_ttl_s: int = 3600,
-                 superseded_grace_s: float = 2.0, attempts: int = 8) -> None:
+                 superseded_grace_s: float = 2.0, attempts: int = 8,
+                 wait_replicas: int = 0, wait_timeout_s: float = 2.0) -> None:
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be positive")
+        if wait_replicas and url.partition("://")[0] in _CLUSTER_SCHEMES:
+            raise ValueError("waiting for replicas (TASKDELTA_REDIS_WAIT_REPLICAS) needs one Redis "
+                             "primary, not a Redis Cluster URL")
+        if wait_replicas and not 0 < wait_timeout_s < socket_timeout_s:
+            raise ValueError(f"the replica wait ({wait_timeout_s} s) must be positive and shorter "
+                             f"than the socket timeout ({socket_timeout_s} s)")
+        # Acknowledge a put only once this many replicas have received it (0: do not wait)
+        self._wait_replicas = wait_replicas
+        self._wait_timeout_s = wait_timeout_s
         self.chunk_bytes = chunk_bytes
         self.keys = keys or Keys()
         self._pending_ttl_s = pending_ttl_s  # chunks not yet committed expire on their own
@@ -281,7 +298,32 @@ class RedisStore:
             status, detail = await self._commit(req, fields, version, chunk_keys)
         if error := req.refusal(status, detail):
             raise error
+        if self._wait_replicas:
+            await self._wait_for_replicas(req, version)
         return StoredTask(tenant, name, version, fields)
+
+    async def _wait_for_replicas(self, req: _PutRequest, version: int) -> None:
+        """Return once `wait_replicas` replicas have received everything up to the commit, else
+        raise NotReplicated (the commit stands on the primary: the error says so).
+
+        WAIT counts the replicas that acknowledged the last write *of its own connection*, and
+        the pool may have run the commit on another one; so a write that always replicates and
+        changes nothing (HINCRBY by 0 on the tenant's usage) goes first on the same connection:
+        a replica that has it has every earlier write, the commit included."""
+        timeout_ms = max(1, round(self._wait_timeout_s * 1000))
+        with _unavailable(f"waiting for Redis replicas of task {req.name!r}"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hincrby(self.keys.usage(req.tenant), "bytes", 0)
+                pipe.wait(self._wait_replicas, timeout_ms)
+                _, acked = await pipe.execute()
+        if int(acked) < self._wait_replicas:
+            raise NotReplicated(
+                f"task {req.name!r} version {version} was committed on the Redis primary, but only "
+                f"{acked} of the {self._wait_replicas} replicas required "
+                f"(TASKDELTA_REDIS_WAIT_REPLICAS) confirmed it within {self._wait_timeout_s:g} s: "
+                "it is not acknowledged as replicated. The primary serves it until it is replaced "
+                "or deleted; if the primary is lost before a replica has it, it is lost. Check "
+                "the replicas; an upload again makes a new version", version)
 
     async def _write_chunks(self, tenant: str, name: str, version: int, blob: bytes) -> list[str]:
         """Each chunk as a SET of its first piece and APPENDs of the rest, a pipeline of about
