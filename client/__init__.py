@@ -42,6 +42,7 @@ from .types import (
     GenerateResponse,
     Health,
     Ready,
+    ScoreResponse,
     StreamChunk,
     TaskInfo,
     TaskList,
@@ -57,6 +58,6 @@ __all__ = [
     "DeltaRejectedError", "EmbedResponse", "GatewayTimeoutError", "GenerateResponse",
     "GenerateStream", "Health", "InternalServerError", "NotFoundError", "NotGiven",
     "PayloadTooLargeError", "PermissionDeniedError", "RateLimitError", "Ready", "RetryPolicy",
-    "ServiceUnavailableError", "StreamChunk", "TaskDeltaError", "TaskInfo", "TaskList", "Tasks",
-    "UnprocessableEntityError", "Usage",
+    "ScoreResponse", "ServiceUnavailableError", "StreamChunk", "TaskDeltaError", "TaskInfo",
+    "TaskList", "Tasks", "UnprocessableEntityError", "Usage",
 ]

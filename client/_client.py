@@ -43,6 +43,7 @@ from .types import (
     GenerateResponse,
     Health,
     Ready,
+    ScoreResponse,
     TaskInfo,
     TaskList,
 )
@@ -136,6 +137,12 @@ class Client(BaseClient):
         """Labels and scores per text; a text may be a (text, text_pair) tuple for pair tasks."""
         return self._request(_options("POST", task_path(task, "classify"), timeout, max_retries,
                                       json={"texts": _texts(texts)}), ClassifyResponse)
+
+    def score(self, task: str, texts: Texts, *, timeout: Timeout | NotGiven = NOT_GIVEN,
+              max_retries: int | NotGiven = NOT_GIVEN) -> ScoreResponse:
+        """A regress task's value per text (e.g. STS-B similarity of (text, text_pair) tuples)."""
+        return self._request(_options("POST", task_path(task, "score"), timeout, max_retries,
+                                      json={"texts": _texts(texts)}), ScoreResponse)
 
     def embed(self, task: str, texts: str | Sequence[str], *, normalize: bool = True,
               timeout: Timeout | NotGiven = NOT_GIVEN,
@@ -296,6 +303,13 @@ class AsyncClient(BaseClient):
         return await self._request(_options("POST", task_path(task, "classify"), timeout,
                                             max_retries, json={"texts": _texts(texts)}),
                                    ClassifyResponse)
+
+    async def score(self, task: str, texts: Texts, *,
+                    timeout: Timeout | NotGiven = NOT_GIVEN,
+                    max_retries: int | NotGiven = NOT_GIVEN) -> ScoreResponse:
+        return await self._request(_options("POST", task_path(task, "score"), timeout,
+                                            max_retries, json={"texts": _texts(texts)}),
+                                   ScoreResponse)
 
     async def embed(self, task: str, texts: str | Sequence[str], *, normalize: bool = True,
                     timeout: Timeout | NotGiven = NOT_GIVEN,

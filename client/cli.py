@@ -195,10 +195,7 @@ def classify(
     as_json: JsonOpt = False,
 ) -> None:
     """Classify texts (or text pairs) with a task."""
-    if pair and len(texts) % 2:
-        raise typer.BadParameter("--pair needs an even number of texts", param_hint="TEXTS")
-    inputs: list[str | tuple[str, str]] = (
-        list(zip(texts[::2], texts[1::2], strict=True)) if pair else list(texts))
+    inputs = _inputs(texts, pair)
     with _session(ctx) as client:
         result = client.classify(task, inputs)
     if as_json:
@@ -209,6 +206,35 @@ def classify(
         shown = text if isinstance(text, str) else " || ".join(text)
         table.add_row(shown, r.label, f"{r.scores.get(r.label, float('nan')):.3f}")
     _out().print(table)
+
+
+@app.command()
+def score(
+    ctx: typer.Context,
+    task: Annotated[str, typer.Argument(help="A regress task's name")],
+    texts: Annotated[list[str], typer.Argument(help="Texts to score")],
+    pair: Annotated[bool, typer.Option("--pair", help="Read TEXTS as text, text_pair, ...")
+                    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score texts (or text pairs) with a regress task, e.g. STS-B similarity."""
+    inputs = _inputs(texts, pair)
+    with _session(ctx) as client:
+        result = client.score(task, inputs)
+    if as_json:
+        _echo_json(result)
+        return
+    table = Table(Column("text", overflow="fold"), "score")
+    for text, value in zip(inputs, result.scores, strict=False):
+        table.add_row(text if isinstance(text, str) else " || ".join(text), f"{value:.4f}")
+    _out().print(table)
+
+
+def _inputs(texts: list[str], pair: bool) -> list[str | tuple[str, str]]:
+    """The command line's texts, or with --pair, its consecutive texts as (text, text_pair)."""
+    if pair and len(texts) % 2:
+        raise typer.BadParameter("--pair needs an even number of texts", param_hint="TEXTS")
+    return list(zip(texts[::2], texts[1::2], strict=True)) if pair else list(texts)
 
 
 class GenerateParams(TypedDict):

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-TaskKind = Literal["classify", "generate", "embed"]
+TaskKind = Literal["classify", "regress", "generate", "embed"]
 MAX_TEXTS = 256
 MAX_TEXT_CHARS = 20_000
 MAX_TOP_LOGPROBS = 20
@@ -75,6 +75,19 @@ class ClassifyResponse(_Response):
     task: str
     version: int | None = None
     results: list[ClassifyResult]
+
+
+class ScoreRequest(_Request):
+    texts: list[TextOrPair] = Field(min_length=1, max_length=MAX_TEXTS,
+                                    description="Texts, or [text, text_pair] pairs for pair tasks")
+
+
+class ScoreResponse(_Response):
+    """A regress task's output for each text, in order (e.g. STS-B's 0-5 similarity)."""
+
+    task: str
+    version: int | None = None
+    scores: list[float]
 
 
 class ChatMessage(BaseModel):

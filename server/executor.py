@@ -23,9 +23,13 @@ from taskdelta.deltas import Base, PreparedDelta, Swapper
 from taskdelta.deltas.mixed import MixedDelta, Mixer
 
 from .inference import MixedPart, classify, classify_mixed, embed, embed_mixed
-from .jobs import ClassifyJob, EmbedJob, Job
+from .jobs import HEAD_JOBS, EmbedJob, Job
 from .kv import DecodeGroup, Owner, cache_argument, owner_runs
 from .sequences import Sequence
+
+# A mixed micro-batch runs one backbone forward per family: classify and regress tasks share one
+# (both read the pooled output, then their own heads), embed tasks have their own.
+MIXED_FAMILIES = ((HEAD_JOBS, classify_mixed), ((EmbedJob,), embed_mixed))
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,7 @@ class Executor:
     def _encode_one(self, part: EncodePart) -> list[Any]:
         results: list[Any] = [None] * len(part.jobs)
         tokenizer = self.base.tokenizer
-        for kind, run in ((ClassifyJob, self._classify), (EmbedJob, self._embed)):
+        for kind, run in ((HEAD_JOBS, self._classify), (EmbedJob, self._embed)):
             idx = [i for i, job in enumerate(part.jobs) if isinstance(job, kind)]
             if idx:
                 for i, r in zip(idx, run(tokenizer, part, [part.jobs[i] for i in idx]), strict=True):
@@ -150,21 +154,22 @@ class Executor:
         assert self.mixer is not None, "mixed micro-batch without a mixer"
         self.swap_to(None)  # the base, exactly: no task swapped in
         tokenizer, backbone = self.base.tokenizer, self.base.backbone
-        by_kind: dict[type, list[tuple[int, MixedPart]]] = {}
+        by_family: dict[int, list[tuple[int, MixedPart]]] = {}
         for n, part in enumerate(parts):
             mixed = self._mixed_form(part) if part.prepared is not None else None
-            for kind in (ClassifyJob, EmbedJob):
-                mine = [j for j in part.jobs if isinstance(j, kind)]
+            for f, (kinds, _) in enumerate(MIXED_FAMILIES):
+                mine = [j for j in part.jobs if isinstance(j, kinds)]
                 if mine:
                     head = part.prepared.head if part.prepared is not None else None
-                    by_kind.setdefault(kind, []).append((n, MixedPart(mixed, head, part.labels, mine)))
-        answers: dict[tuple[int, type], list[Any]] = {}
-        for kind, run in ((ClassifyJob, classify_mixed), (EmbedJob, embed_mixed)):
-            group = by_kind.get(kind, [])
+                    by_family.setdefault(f, []).append((n, MixedPart(mixed, head, part.labels, mine)))
+        answers: dict[tuple[int, int], list[Any]] = {}
+        for f, (_, run) in enumerate(MIXED_FAMILIES):
+            group = by_family.get(f, [])
             if group:
                 got = run(self.mixer, backbone, tokenizer, [p for _, p in group])
-                answers.update({(n, kind): list(r) for (n, _), r in zip(group, got, strict=True)})
-        return [[answers[(n, type(job))].pop(0) for job in part.jobs] for n, part in enumerate(parts)]
+                answers.update({(n, f): list(r) for (n, _), r in zip(group, got, strict=True)})
+        return [[answers[(n, _family(job))].pop(0) for job in part.jobs]
+                for n, part in enumerate(parts)]
 
     def _mixed_form(self, part: EncodePart) -> MixedDelta:
         assert self.mixer is not None and part.prepared is not None
@@ -269,6 +274,11 @@ class Executor:
     def _others_live(work: Prefill) -> bool:
         """Whether the mixed group this sequence joins decodes rows of another delta."""
         return work.group.mixed and any(p is not work.prepared for _, p in work.group.owners)
+
+
+def _family(job: Job) -> int:
+    """The index of the MIXED_FAMILIES entry that runs a job."""
+    return next(f for f, (kinds, _) in enumerate(MIXED_FAMILIES) if isinstance(job, kinds))
 
 
 def _prefill_batches(planned: list[tuple[Prefill, int]]) -> list[tuple[list[Prefill], int]]:

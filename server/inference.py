@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 from taskdelta.deltas.mixed import MixedDelta, Mixer, pooled_logits
 
-from .jobs import ClassifyJob, EmbedJob, GenerateJob, Job
+from .jobs import ClassifyJob, EmbedJob, GenerateJob, Job, ScoreJob
 from .kv import cache_argument
 from .sequences import Generation, Sequence, eos_ids, prompt_ids
 
@@ -22,7 +22,8 @@ MAX_TOKENS = 512  # classify / embed inputs
 
 @dataclass(frozen=True)
 class MixedPart:
-    """One task's share of a mixed batch: its corrections, its head (classify) and its jobs."""
+    """One task's share of a mixed batch: its corrections, its head (classify, regress) and its
+    jobs."""
 
     mixed: MixedDelta | None  # None: the base itself
     head: torch.nn.Module | None
@@ -32,8 +33,9 @@ class MixedPart:
 
 @torch.no_grad()
 def classify(model: torch.nn.Module, tokenizer, labels: tuple[str, ...],
-             jobs: list[ClassifyJob]) -> list[list[dict]]:
-    """Per job, per text: {"label", "scores"}. Single texts and pairs run as separate forwards."""
+             jobs: list[ClassifyJob | ScoreJob]) -> list[list[dict | float]]:
+    """Per job, per text: {"label", "scores"} (a classify task), or the head's one output (a
+    `ScoreJob` of a regress task). Single texts and pairs run as separate forwards."""
     items = [(j, k, t) for j, job in enumerate(jobs) for k, t in enumerate(job.texts)]
     out: list[list[dict]] = [[{} for _ in job.texts] for job in jobs]
     singles = [it for it in items if isinstance(it[2], str)]
@@ -43,10 +45,30 @@ def classify(model: torch.nn.Module, tokenizer, labels: tuple[str, ...],
             continue
         enc = _encode(tokenizer, [it[2] for it in group], group is pairs, max_tokens(model))
         enc = enc.to(_device(model))
-        probs = model(**enc).logits.float().softmax(-1)  # [batch, labels]
-        for (j, k, _), row in zip(group, probs.tolist(), strict=True):
-            out[j][k] = _scored(labels, row, _top_k(jobs[j]))
+        logits = model(**enc).logits.float()  # [batch, labels]
+        for (j, k, _), answer in zip(group, _head_answers([jobs[j] for j, _, _ in group], labels, logits),
+                                     strict=True):
+            out[j][k] = answer
     return out
+
+
+def score(model: torch.nn.Module, tokenizer, texts: list, batch: int = 64) -> list[float]:
+    """A regress task's outputs for many texts (or pairs), `batch` at a time, exactly as the score
+    route computes them (`classify` on `ScoreJob`s): what a quality bench scores a delta with."""
+    out: list[float] = []
+    for start in range(0, len(texts), batch):
+        job = ScoreJob(tuple(t if isinstance(t, str) else tuple(t) for t in texts[start:start + batch]))
+        (rows,) = classify(model, tokenizer, (), [job])  # a score needs no label names
+        out += [float(r) for r in rows]  # type: ignore[arg-type]
+    return out
+
+
+def _head_answers(jobs: list, labels: tuple[str, ...], logits: torch.Tensor) -> list[dict | float]:
+    """Each row's answer from its task head's logits ([rows, labels]): a regress task's one output
+    as it is, a classify task's labels ranked by softmax probability."""
+    probs = logits.softmax(-1).tolist()  # [rows, labels]; for one output, ones (unused)
+    return [raw[0] if isinstance(job, ScoreJob) else _scored(labels, p, _top_k(job))
+            for job, raw, p in zip(jobs, logits.tolist(), probs, strict=True)]
 
 
 def _scored(labels: tuple[str, ...], row: list[float], top_k: int | None = None) -> dict:
@@ -56,7 +78,7 @@ def _scored(labels: tuple[str, ...], row: list[float], top_k: int | None = None)
     return {"label": labels[ranked[0]], "scores": {labels[i]: row[i] for i in keep}}
 
 
-def _top_k(job: ClassifyJob) -> int | None:
+def _top_k(job: ClassifyJob | ScoreJob) -> int | None:
     return getattr(job, "top_k", None)
 
 
@@ -81,9 +103,10 @@ def measure(tokenizer, job: Job, limit: int) -> list[int]:
 
 @torch.no_grad()
 def classify_mixed(mixer: Mixer, backbone: torch.nn.Module, tokenizer,
-                   parts: list[MixedPart]) -> list[list[list[dict]]]:
-    """`classify` for several tasks at once: per input shape (single texts, pairs) one forward of
-    the shared backbone with each task's corrections on its rows, then each task's head."""
+                   parts: list[MixedPart]) -> list[list[list[dict | float]]]:
+    """`classify` for several tasks at once (classify and regress alike): per input shape (single
+    texts, pairs) one forward of the shared backbone with each task's corrections on its rows,
+    then each task's head."""
     items = [(p, j, k, t) for p, part in enumerate(parts) for j, job in enumerate(part.jobs)
              for k, t in enumerate(job.texts)]  # grouped by task: its rows are contiguous
     out = [[[{} for _ in job.texts] for job in part.jobs] for part in parts]
@@ -98,9 +121,11 @@ def classify_mixed(mixer: Mixer, backbone: torch.nn.Module, tokenizer,
         with mixer.mixing([(a, b, parts[p].mixed) for p, a, b in segments], len(group)):
             pooled = backbone(**enc.to(_device(backbone))).pooler_output  # [batch, hidden]
         for p, a, b in segments:
-            probs = pooled_logits(parts[p].head, pooled[a:b]).float().softmax(-1)  # [rows, labels]
-            for (_, j, k, _), row in zip(group[a:b], probs.tolist(), strict=True):
-                out[p][j][k] = _scored(parts[p].labels, row, _top_k(parts[p].jobs[j]))
+            logits = pooled_logits(parts[p].head, pooled[a:b]).float()  # [rows, labels]
+            jobs = [parts[p].jobs[j] for _, j, _, _ in group[a:b]]
+            for (_, j, k, _), answer in zip(group[a:b], _head_answers(jobs, parts[p].labels, logits),
+                                            strict=True):
+                out[p][j][k] = answer
     return out
 
 

@@ -16,6 +16,18 @@ class ClassifyJob:
 
 
 @dataclass(frozen=True)
+class ScoreJob:
+    """A regress task's texts: each answered with its head's one output, as a float."""
+
+    texts: tuple[str | tuple[str, str], ...]
+
+
+# Jobs a task's pooled head answers (the classify code path: one forward, then the head); a batch
+# of them shares one backbone forward whichever of the two each task is.
+HEAD_JOBS = (ClassifyJob, ScoreJob)
+
+
+@dataclass(frozen=True)
 class EmbedJob:
     texts: tuple[str, ...]
     normalize: bool = True
@@ -30,4 +42,4 @@ class GenerateJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
-Job = ClassifyJob | EmbedJob | GenerateJob
+Job = ClassifyJob | ScoreJob | EmbedJob | GenerateJob

@@ -23,6 +23,9 @@ from .errors import BadTaskRequest, StoreUnavailable, TaskNotFound, VersionConfl
 from .store import DeltaStore, StoredTask
 
 BASE_TASK = "base"
+# What a task of each kind does, which is also the name of its inference route
+# (POST /v1/tasks/{name}/{verb}): a request of the wrong kind is told where to go.
+VERB = {"classify": "classify", "regress": "score", "embed": "embed", "generate": "generate"}
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,9 @@ class TaskRegistry:
                     raise
                 ref = _ref_of_cached(tenant, name, entry)
         if ref.kind != want:
-            raise BadTaskRequest(f"task {name!r} is a {ref.kind!r} task; it cannot {want}")
+            raise BadTaskRequest(f"task {name!r} is a {ref.kind!r} task; it cannot {VERB[want]}"
+                                 + (f" (use POST /v1/tasks/{name}/{VERB[ref.kind]})"
+                                    if ref.kind in VERB else ""))
         return ref
 
     async def _read_ref(self, tenant: str, name: str) -> TaskRef:
@@ -138,6 +143,9 @@ class TaskRegistry:
         if want == "classify":
             raise BadTaskRequest("the task 'base' has no classifier head: upload a classify "
                                  "delta and classify with it")
+        if want == "regress":
+            raise BadTaskRequest("the task 'base' has no regression head: upload a regress "
+                                 "delta and score with it")
         if want == "generate" and not self.base.is_causal_lm:
             raise BadTaskRequest(f"the base {self.base.name!r} is an encoder and cannot "
                                  "generate text")

@@ -1,4 +1,4 @@
-"""Per-task inference routes: classify, generate (optionally streamed), embed."""
+"""Per-task inference routes: classify, score (regress tasks), generate (optionally streamed), embed."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from taskdelta.client.types import (
     GenerateRequest,
     GenerateResponse,
     SamplingParams,
+    ScoreRequest,
+    ScoreResponse,
     StreamChunk,
 )
 
@@ -26,7 +28,7 @@ from .deps import StateDep, TaskName, TenantDep
 from .errors import BadTaskRequest
 from .http_errors import error_responses, request_id, status_of
 from .inference import render_chat
-from .jobs import ClassifyJob, EmbedJob, GenerateJob
+from .jobs import ClassifyJob, EmbedJob, GenerateJob, ScoreJob
 from .limits import check_texts
 from .sequences import usage_of
 from .submit import run_job, start_stream
@@ -47,6 +49,17 @@ async def classify(task: TaskName, body: ClassifyRequest, request: Request, stat
     out = await run_job(request, state, ref, job)
     return ClassifyResponse(task=task, version=out.version,
                             results=[ClassifyResult(**r) for r in out.rows])
+
+
+@router.post("/{task}/score", response_model=ScoreResponse)
+async def score(task: TaskName, body: ScoreRequest, request: Request, state: StateDep,
+                tenant: TenantDep) -> ScoreResponse:
+    """A regress task's value for each text or [text, text_pair] pair (its head's one output)."""
+    check_texts(body.texts, state.settings)
+    ref = await state.registry.resolve(tenant.name, task, "regress")
+    job = ScoreJob(texts=tuple(t if isinstance(t, str) else tuple(t) for t in body.texts))
+    out = await run_job(request, state, ref, job)
+    return ScoreResponse(task=task, version=out.version, scores=out.rows)
 
 
 @router.post("/{task}/embed", response_model=EmbedResponse)

@@ -152,6 +152,18 @@ def test_classify_json_and_odd_pairs(server: FakeServer):
     assert odd.exit_code == 2 and len(server.requests) == 1
 
 
+def test_score_pairs_table_and_json(server: FakeServer):
+    scored = {"task": "sts", "version": 2, "scores": [4.25, 0.5]}
+    server.routes[("POST", "/v1/tasks/sts/score")] = httpx.Response(200, json=scored)
+    result = run("score", "sts", "p1", "h1", "p2", "h2", "--pair")
+    assert result.exit_code == 0, result.output
+    assert json.loads(server.requests[0].content) == {"texts": [["p1", "h1"], ["p2", "h2"]]}
+    assert "4.2500" in result.stdout and "0.5000" in result.stdout and "p1 || h1" in result.stdout
+    assert json.loads(run("score", "sts", "x", "--json").stdout)["scores"] == [4.25, 0.5]
+    odd = run("score", "sts", "a", "b", "c", "--pair")
+    assert odd.exit_code == 2 and len(server.requests) == 2
+
+
 def test_generate_streams_to_stdout(server: FakeServer):
     server.routes[("POST", "/v1/tasks/poet/generate")] = httpx.Response(
         200, content=STORY, headers={"content-type": "text/event-stream"})
@@ -256,5 +268,5 @@ def test_main_names_the_server_extra_when_a_lazy_command_cannot_load(
 def test_help_lists_the_client_commands():
     result = run("--help")
     assert result.exit_code == 0
-    for command in ("tasks", "classify", "generate", "embed", "health", "delta", "serve"):
+    for command in ("tasks", "classify", "score", "generate", "embed", "health", "delta", "serve"):
         assert command in result.stdout
