@@ -170,3 +170,31 @@ def test_cli_train_regress_writes_a_valid_delta_and_prints_pearson(tiny_bert_dir
                                    "--kind", "regress", "--text-col", "sentence1", "--label-col",
                                    "sentence2", "-o", str(out)])
     assert bad.exit_code != 0 and "not a number" in bad.output
+
+
+def test_a_one_output_seq_cls_peft_adapter_imports_as_regress(tiny_bert, tiny_bert_dir, tmp_path):
+    """PEFT's SEQ_CLS with num_labels=1 (transformers' regression) becomes a regress delta whose
+    served output is the adapter model's."""
+    peft = pytest.importorskip("peft")
+    from transformers import BertForSequenceClassification
+
+    from taskdelta.deltas.peft_io import import_peft
+    from taskdelta.server.inference import classify
+    from taskdelta.server.jobs import ScoreJob
+
+    torch.manual_seed(3)
+    model = BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=1)
+    pm = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=4,
+                                                    target_modules=["query", "value"],
+                                                    init_lora_weights=False)).eval()
+    pm.save_pretrained(tmp_path / "sts")
+    delta = import_peft(tiny_bert, tmp_path / "sts").delta
+    validate(delta, tiny_bert)
+    assert delta.meta.kind == "regress" and delta.meta.labels == ["LABEL_0"]
+    texts = ("a fine film", "rain again")
+    with Swapper(tiny_bert).swapped(prepare(delta, tiny_bert)) as served:
+        (got,) = classify(served, tiny_bert.tokenizer, ("LABEL_0",), [ScoreJob(texts)])
+    enc = tiny_bert.tokenizer(list(texts), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = pm(**enc).logits[:, 0]
+    assert got == pytest.approx(want.tolist(), abs=1e-5)
