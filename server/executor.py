@@ -193,8 +193,8 @@ class Executor:
         works = sorted((w for w in works if not w.seq.done), key=_owner_rank(works))
         if not works:
             return
-        model = self.swapper.task_model
-        device = _device(model)
+        causal = self.base.model  # the task model is read after the swap below (not a kept head)
+        device = _device(causal)
         start = works[0].seq.prefilled  # 0 unless one long prompt is read in chunks
         prompts = [w.seq.prompt[start:start + max(1, tokens)] for w in works]
         width = max(map(len, prompts))
@@ -202,10 +202,11 @@ class Executor:
         ids = torch.tensor([[0] * pad + p for pad, p in zip(pads, prompts, strict=True)], device=device)
         mask = (torch.arange(width)[None, :] >= torch.tensor(pads)[:, None]).long().to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0) + start  # [rows, width]
-        cache = works[0].cache if start else DynamicCache(config=model.config)
+        cache = works[0].cache if start else DynamicCache(config=causal.config)
         runs = owner_runs([(w.key, w.prepared) for w in works])
         alone = len(runs) == 1 and not self._others_live(works[0])
         with self._weights_for(runs, len(works), alone=alone):
+            model = self.swapper.task_model  # after the swap: not a classify task kept swapped in
             out = model(input_ids=ids, attention_mask=mask if any(pads) else None,
                         position_ids=positions, use_cache=True, logits_to_keep=1,
                         **{self._cache_arg: cache})
@@ -241,9 +242,9 @@ class Executor:
         group.keep([i for i, s in enumerate(group.rows) if not s.done])
         if not group.rows:
             return
-        model = self.swapper.task_model
         runs = group.runs() if group.mixed else [(0, len(group), ("", prepared))]
         with self._weights_for(runs, len(group), alone=len(runs) == 1):
+            model = self.swapper.task_model  # after the swap: not a classify task kept swapped in
             out = model(**group.step_inputs(_device(model), self._cache_arg))
         logits = out.logits[:, -1].float()  # [rows, vocab]
         report.decoded_rows += len(group.rows)

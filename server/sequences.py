@@ -155,7 +155,12 @@ def _streams_logprobs() -> bool:
 
 
 def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    probs = (logits / p.temperature).softmax(-1)
+    scaled = logits / p.temperature
+    if bool((scaled.isnan() | scaled.isposinf()).any()):
+        # a temperature so small (e.g. 1e-320) that logits / t overflow: softmax would be NaN;
+        # sampling at t -> 0 tends to the most likely token, which is what it gets
+        return int(logits.argmax())
+    probs = scaled.softmax(-1)
     if p.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < p.top_p
