@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install serve test test-quick lint bench-swap bench-quality bench-serve bench-decode
+.PHONY: install serve test test-quick lint bench-swap bench-quality bench-quality-lm bench-serve bench-decode
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ bench-serve: install
 
 bench-quality: install
 	$(PY) bench/quality.py
+
+# the causal LM: sparse train at 1 % vs LoRA vs full on smollm2-135m (docs/quality-lm.md, ~50 min, 1 thread)
+bench-quality-lm: install
+	OMP_NUM_THREADS=1 $(PY) bench/quality_lm.py
 
 # decode throughput: the server under C = 1, 8, 32 streaming clients against one in-process
 # generate() batch (~6 min on 2 cores); e.g. make bench-decode BENCH_DECODE_ARGS=--quick
