@@ -219,12 +219,14 @@ class TaskRegistry:
 
     def _decode(self, blob: bytes, name: str, checked: bool = False) -> PreparedDelta:
         """Stored bytes -> the swap's form. `checked`: the store's record says these exact bytes
-        (sha256, verified by `get_blob`) passed the full check against this base under these
-        rules; then the content checksum and the value scan are not repeated. The index checks
-        (range, order) run on every load, and the kernels check every index again as they write
-        (SECURITY.md)."""
+        (sha256, verified by `get_blob`) passed the full check against this base's weights, in
+        its serving dtypes, under these rules (`validate.stamp`); then only the content checksum
+        and the scan of the increments for NaN / inf / overflow are skipped. Every other check
+        runs on every load, the indices' range and order included, and the kernels check every
+        index again as they write (SECURITY.md, docs/delta-format.md *Trust on load*)."""
         delta = loads(blob, verify_checksum=not checked)
-        validate(delta, self.base, contents=not checked)  # the base may have changed since upload
+        # unstamped bytes (another base, dtype or rules, an older server) get the full check
+        validate(delta, self.base, contents=not checked)
         return prepare(delta, self.base, name=name)
 
     def grow(self, key: str, prepared: PreparedDelta, extra: int) -> None:
