@@ -66,7 +66,10 @@ def build_classifier(base: Base, labels: list[str], heads: dict[str, torch.Tenso
     # Building the wrapper from its config constructs a whole (meta) backbone first: tens of ms on
     # a cold task's path. Copy a per-(base, labels) template instead, all but the shared backbone.
     wrapper = copy.deepcopy(_template(base, tuple(labels)), memo={id(base.backbone): base.backbone})
-    state = {n: t.to(device=base.device, dtype=base.dtype) for n, t in heads.items()}
+    # Own copies, freshly allocated: a head parsed from a file is a view into its bytes, aligned to
+    # its element only, and CPU matmul kernels sum in another order for a weight that is not
+    # 16-byte aligned (served outputs then differed from the merged model's in the last bits).
+    state = {n: t.to(device=base.device, dtype=base.dtype, copy=True) for n, t in heads.items()}
     missing, unexpected = wrapper.load_state_dict(state, strict=False, assign=True)
     prefix = wrapper.base_model_prefix + "."
     missing = [n for n in missing if not n.startswith(prefix)]

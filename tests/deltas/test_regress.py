@@ -198,3 +198,29 @@ def test_a_one_output_seq_cls_peft_adapter_imports_as_regress(tiny_bert, tiny_be
     with torch.no_grad():
         want = pm(**enc).logits[:, 0]
     assert got == pytest.approx(want.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["regress", "classify"])
+def test_a_head_read_from_any_file_offset_serves_the_merged_models_outputs_bitwise(tiny_bert, kind):
+    """A parsed head tensor is a view into the file's bytes, aligned to its element only; CPU
+    matmuls sum in another order for a weight not 16-byte aligned. The head is copied when built,
+    so a head model built from a file answers as one built from the delta in memory (the offline
+    merged model's head), bit for bit, whatever the header's length."""
+    from taskdelta.server.inference import classify
+    from taskdelta.server.jobs import ClassifyJob, ScoreJob
+
+    delta = random_delta(tiny_bert, 0.02, seed=61, kind=kind, scale=0.3)
+    job = (ScoreJob if kind == "regress" else ClassifyJob)((("it rains", "the sun is out"),
+                                                            ("a man plays a guitar", "music"),
+                                                            ("a fine film", "the worst thing")))
+    want = classify(build_classifier(tiny_bert, delta.meta.labels, delta.heads), tiny_bert.tokenizer,
+                    tuple(delta.meta.labels), [job])
+    offsets = set()
+    for pad in range(0, 64, 4):  # the base name's length shifts every tensor's offset in the file
+        named = type(delta)(meta=delta.meta.model_copy(update={"base_name": "x" * pad}),
+                            tensors=delta.tensors, heads=delta.heads)
+        back = loads(dumps(named))
+        offsets.add(back.heads["classifier.weight"].data_ptr() % 16)
+        head = build_classifier(tiny_bert, back.meta.labels, back.heads)
+        assert classify(head, tiny_bert.tokenizer, tuple(back.meta.labels), [job]) == want, pad
+    assert len(offsets) > 1  # the file views were misaligned in some of them
