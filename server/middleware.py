@@ -12,6 +12,7 @@ import uuid
 
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .errors import Unauthorized
 from .http_errors import dialect_of, error_response
@@ -19,6 +20,7 @@ from .metrics import UNMATCHED, Metrics, method_label, status_label
 
 log = logging.getLogger("taskdelta.http")
 RID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+CLIENT_CLOSED = 499  # the metrics' status for a request whose client left mid-body (nginx's code)
 AUTHENTICATED_PREFIX = "/v1/"  # tenant routes; health, readiness, metrics and docs are not
 
 
@@ -58,6 +60,11 @@ class RequestContext:
                 await refusal(scope, receive, send_with_id)  # the body is never read
                 return
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # the client left before its body was read: nothing to answer, and not a server
+            # error (counted as nginx's 499 "client closed request", logged without a traceback)
+            log.info("client left before sending its whole body, request id %s", rid)
+            status["code"] = CLIENT_CLOSED
         except Exception:
             log.exception("unhandled error, request id %s", rid)
             if not status["sent"]:
