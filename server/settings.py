@@ -71,7 +71,8 @@ class Settings(BaseSettings):
                                     "Bearer <metrics_key>` (unset: open, for a private network)")
 
     # bounds on one request's work (hardening)
-    max_text_chars: int = Field(20_000, ge=1, description="Longest classify/embed text; longer: 422")
+    max_text_chars: int = Field(20_000, ge=1, description="Longest classify/embed text; longer: 413 "
+                                "(past the wire types' own 20,000: 422)")
     max_labels: int = Field(1024, ge=2, description="Most labels a classify delta may have (upload)")
     max_label_chars: int = Field(256, ge=1, description="Longest label of a classify delta (upload)")
     max_concurrent_uploads: int = Field(4, ge=1, description="Uploads in progress; more: 429")
