@@ -165,7 +165,7 @@ def test_random_errors(tiny_bert_dir, tmp_path):
     assert_one_line_error(run("random", "--base", tiny_bert_dir, "-o", out, "--kind", "generate"),
                           "task kind 'generate' is not served", code=2)
     assert_one_line_error(run("random", "--base", tiny_bert_dir, "-o", out, "--kind", "chat"),
-                          "--kind must be one of classify, generate, embed", code=2)
+                          "--kind must be one of classify, regress, generate, embed", code=2)
     assert_one_line_error(run("random", "--base", tiny_bert_dir, "-o", out, "--density", "2"),
                           "density must be in [0, 1]", code=2)
     assert not out.exists()
