@@ -29,6 +29,8 @@ serve: install
 # includes the kernels' AddressSanitizer run (tests/deltas/test_kernel_safety.py, needs gcc's libasan)
 test: install
 	$(PY) -m ruff check .
+	# build (or find cached) both kernels first: no test's start-up deadline pays the compiler
+	TASKDELTA_REQUIRE_KERNELS=1 $(PY) -c "from taskdelta.deltas import _kernel, _mixed_kernel; _kernel.load(); _mixed_kernel.load()"
 	TASKDELTA_REQUIRE_KERNELS=1 $(PY) -m pytest -q -rs
 
 test-quick: install

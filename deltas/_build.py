@@ -2,10 +2,10 @@
 
 `build(name, source, flags)` compiles `source` with `torch.utils.cpp_extension.load` (a C++
 compiler and `ninja`) into `$TASKDELTA_CACHE_DIR/kernels/<name>-<key>/`, the key a hash of the
-source bytes, the flags, the compiler and the torch and Python versions, so later processes only
-load it and a shared cache folder never mixes builds. A file lock keeps two processes from
-building one folder at once (and, being released when its process dies, never leaves a stale
-lock behind, as torch's own lock file can).
+source's bytes and path, the flags, the compiler, the torch and Python versions and torch's
+folder, so later processes only load it and a shared cache folder never mixes builds. A file lock
+keeps two processes from building one folder at once (and, being released when its process dies,
+never leaves a stale lock behind, as torch's own lock file can).
 
 Where the build fails, `build` logs a warning and returns None (the callers then use their torch
 twins), unless `TASKDELTA_REQUIRE_KERNELS=1`: then it raises `KernelBuildError` with the
@@ -61,7 +61,7 @@ def build(name: str, path: Path, flags: Sequence[str] = ()) -> ModuleType | None
     cflags = ["-O3", *flags, *extra]
     ldflags = [f for f in extra if f.startswith("-fsanitize")]  # a sanitizer needs its runtime
     try:
-        folder = cache_dir() / "kernels" / f"{name}-{_key(path.read_bytes(), cflags)}"
+        folder = cache_dir() / "kernels" / f"{name}-{_key(path, cflags)}"
         with _lock:
             if str(folder) not in _loaded:
                 _loaded[str(folder)] = _compile(name, path, folder, cflags, ldflags)
@@ -76,9 +76,14 @@ def build(name: str, path: Path, flags: Sequence[str] = ()) -> ModuleType | None
         return None
 
 
-def _key(text: bytes, cflags: Sequence[str]) -> str:
+def _key(path: Path, cflags: Sequence[str]) -> str:
+    text = path.read_bytes()
+    # where the source and torch are, too: ninja's command line holds the source's path and
+    # torch's include folders, so two installs of the same bytes (a checkout and a wheel in another
+    # venv) sharing one folder rebuilt what the other had just built (a minute per server start)
     parts = [text, *(f.encode() for f in cflags), os.environ.get("CXX", "c++").encode(),
-             torch.__version__.encode(), sys.version.encode(), platform.machine().encode()]
+             torch.__version__.encode(), sys.version.encode(), platform.machine().encode(),
+             str(path.resolve()).encode(), os.path.dirname(torch.__file__).encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 

@@ -53,7 +53,7 @@ def test_a_failed_build_falls_back_to_the_torch_twin_where_kernels_are_not_requi
         Swapper(tiny_bert, backend="kernel")
 
 
-def test_a_built_kernel_is_reused_from_its_cache_folder():
+def test_a_built_kernel_is_reused_from_its_cache_folder(tmp_path):
     """Two processes sharing the cache load one build; the key changes with the source, the
     flags and the compiler, so no folder ever mixes builds."""
     code = ("from taskdelta.deltas import _build; "
@@ -65,9 +65,18 @@ def test_a_built_kernel_is_reused_from_its_cache_folder():
     assert first == second
     assert Path(first).parent.parent == cache_dir() / "kernels"
     assert Path(first).parent.name.startswith("swap-")
-    keys = {_build._key(b"source", ["-O3"]), _build._key(b"source", ["-O3", "-DX=1"]),
-            _build._key(b"other source", ["-O3"])}
-    assert len(keys) == 3
+
+    # the key tells builds apart by the source's bytes, its path (a checkout and an installed wheel
+    # of the same bytes compile with different command lines: one folder for both made each rebuild
+    # what the other had built) and the flags
+    a, b = tmp_path / "a" / "k.cpp", tmp_path / "b" / "k.cpp"
+    for p, text in ((a, b"source"), (b, b"source")):
+        p.parent.mkdir()
+        p.write_bytes(text)
+    keys = {_build._key(a, ["-O3"]), _build._key(a, ["-O3", "-DX=1"]), _build._key(b, ["-O3"])}
+    a.write_bytes(b"other source")
+    keys.add(_build._key(a, ["-O3"]))
+    assert len(keys) == 4
 
 
 def test_the_kernel_sources_are_package_data():

@@ -143,8 +143,13 @@ def test_stateful_fuzz_finds_no_server_error_or_schema_violation(served):
     DELETE it. Checks include that a created task is there and a deleted one is gone."""
     schema, variants, client = served
     tally = Tally()
+    # the task routes only: schemathesis starts its scenarios from "reliable" roots (a POST, or a
+    # GET without path parameters that has links) whenever one exists, and only else from the
+    # rest; GET /v1/models (linked to GET /v1/models/{model}) is such a root, and with it in the
+    # schema no scenario ever began with the PUT that creates a task (the stateless run covers it)
+    tasks = schema.include(path_regex=r"^/v1/tasks/")
 
-    class Machine(schema.as_state_machine()):
+    class Machine(tasks.as_state_machine()):
         def setup(self) -> None:
             # every scenario starts from no tasks, so a PUT answers 201 (and feeds its links)
             # whatever the scenarios before it left behind
