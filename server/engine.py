@@ -21,8 +21,9 @@ from .executor import Executor
 from .inference import max_tokens, measure
 from .jobs import GenerateJob, Job
 from .kv import kv_bytes_per_token
+from .microbatch import OnBatch
 from .registry import TaskRegistry
-from .scheduler import Limits, OnBatch, Scheduler
+from .scheduler import Limits, Scheduler
 from .sequences import Sequence, eos_ids, prompt_ids
 from .settings import Settings
 from .store import DeltaStore

@@ -6,7 +6,8 @@ under their deadline (`registry.py`), and then every *step* runs in the engine's
 `prefill_tokens` of prompt prefill (long prompts in chunks), and one decode token for every live
 sequence. New generations join the running decode groups between steps; finished, cancelled and
 expired ones leave at the next step, so a 504 or a closed stream frees its slot at once. What to
-run is decided by `policy.py`; the loop only carries it out and hands back the answers.
+run is decided by `policy.py` (and, for classify/embed, by `microbatch.py`); the loop only carries
+it out and hands back the answers.
 """
 
 from __future__ import annotations
@@ -17,22 +18,21 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import BadTaskRequest, DeadlineExceeded, Overloaded
-from .executor import EncodePart, Executor, Prefill, StepPlan, StepReport
+from .executor import Executor, Prefill, StepPlan, StepReport
 from .jobs import GenerateJob, Job
 from .kv import DecodeGroup
-from .policy import RowBudget, TurnPolicy, kv_fits, take_rows
+from .microbatch import MicroBatches, OnBatch, Taken
+from .policy import TurnPolicy, kv_fits
 from .queues import Queues, Request
 from .registry import Loaded, TaskRef, TaskRegistry
 from .sequences import Sequence
 
 log = logging.getLogger("taskdelta.scheduler")
-OnBatch = Callable[[str, int, list[float], float], None]
 MIXED = ("mixed",)  # the key of the decode group whose rows belong to several tasks
-Taken = list[tuple[Request, tuple[int, ...]]]  # requests and which of their texts a micro-batch holds
 
 
 @dataclass(frozen=True)
@@ -50,14 +50,6 @@ class Limits:
     prefill_tokens: int = 512  # prompt tokens read per step
 
 
-@dataclass(frozen=True)
-class EncodeResult:
-    """A classify/embed request's rows and the task version that computed them."""
-
-    rows: list[Any]
-    version: int | None
-
-
 class Scheduler:
     def __init__(self, registry: TaskRegistry, executor: Executor, limits: Limits, *,
                  measure: Callable[[Job], list[int]],
@@ -72,10 +64,11 @@ class Scheduler:
         self._new_sequence = new_sequence  # a generate job's Sequence (any thread)
         self._kv_per_token = kv_per_token
         self._mixed = mixed and executor.mixer is not None
-        self._on_batch = on_batch
-        self._on_mixed = on_mixed  # (tasks, requests) of each mixed micro-batch
         self.queues = Queues(limits.max_queue, limits.max_queued_total, limits.retry_after_s)
         self.turns = TurnPolicy(limits.max_consecutive_batches, limits.max_hold_ms)
+        self.encode = MicroBatches(self.queues, self.turns, limits.max_batch,
+                                   limits.max_batch_tokens, mixer=executor.mixer, mixed=mixed,
+                                   settle=_settle, on_batch=on_batch, on_mixed=on_mixed)
         self._prefilling: list[Prefill] = []
         self._groups: dict[tuple, tuple[DecodeGroup, Loaded]] = {}  # (task, version) or MIXED
         self._live: dict[Sequence, Request] = {}  # admitted to decode, prefilling or decoding
@@ -85,8 +78,6 @@ class Scheduler:
         self._stopping = False
         self._worker: asyncio.Task[None] | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskdelta-engine")
-        self.batches = 0  # classify/embed micro-batches run
-        self.mixed_batches = 0
         self.steps = 0
 
     # -- what the rest of the server reads ------------------------------------------------------
@@ -94,6 +85,15 @@ class Scheduler:
     @property
     def swaps(self) -> int:
         return self.executor.swaps
+
+    @property
+    def batches(self) -> int:
+        """Classify/embed micro-batches run."""
+        return self.encode.batches
+
+    @property
+    def mixed_batches(self) -> int:
+        return self.encode.mixed_batches
 
     @property
     def total_depth(self) -> int:
@@ -193,7 +193,7 @@ class Scheduler:
 
     def _plan(self) -> tuple[StepPlan | None, Taken]:
         plan = StepPlan()
-        encoded = self._plan_encode(plan)
+        encoded = self.encode.plan(plan, asyncio.get_running_loop().time())
         self._admit_sequences()
         budget = self.limits.prefill_tokens
         for work in self._prefilling:
@@ -205,77 +205,6 @@ class Scheduler:
         plan.decode = [(g, loaded.prepared) for g, loaded in self._groups.values() if len(g)]
         empty = not (plan.encode or plan.prefill or plan.decode)
         return (None if empty else plan), encoded
-
-    # -- classify / embed micro-batches -----------------------------------------------------------
-
-    def _plan_encode(self, plan: StepPlan) -> Taken:
-        self._drop_gone_encode()
-        ready = self.queues.ready_encode_tasks()
-        if not ready:
-            return []
-        now = asyncio.get_running_loop().time()
-        key = self.turns.pick(ready, self._oldest, now)
-        budget = RowBudget(self.limits.max_batch, self.limits.max_batch_tokens)
-        taken = self._take(key, budget)
-        if self._mixed and self._mixable(taken) and not budget.full:
-            for other in sorted((k for k in ready if k != key), key=self._oldest):
-                more = self._take(other, budget, mixable_only=True)
-                taken += more
-                if budget.full or not more:
-                    break
-        parts = self._parts(taken)
-        plan.encode = parts
-        self.turns.ran(key if len(parts) == 1 else None, now)
-        return taken
-
-    def _take(self, key, budget: RowBudget, mixable_only: bool = False) -> Taken:
-        line = [r for r in self.queues.encode.get(key, ()) if r.loaded is not None]
-        if line:  # one delta per task in a micro-batch (requests pinned to another version wait)
-            anchor = line[0].loaded.prepared  # type: ignore[union-attr]
-            line = [r for r in line if r.loaded.prepared is anchor]  # type: ignore[union-attr]
-        if mixable_only:
-            line = [r for r in line if self._mixable([(r, ())])]
-        slices = take_rows(((r, [r.lengths[i] for i in r.order]) for r in line), budget)
-        taken = []
-        for s in slices:
-            req: Request = s.owner  # type: ignore[assignment]
-            texts = tuple(req.order[i] for i in s.indices)
-            del req.order[: len(s.indices)]
-            taken.append((req, texts))
-        self.queues.drop_taken(key)
-        return taken
-
-    def _mixable(self, taken: Taken) -> bool:
-        mixer = self.executor.mixer
-        for req, _ in taken:
-            prepared = req.loaded.prepared if req.loaded else None
-            if mixer is None or prepared is None or mixer.why_not(prepared) is not None:
-                return False
-        return True
-
-    def _parts(self, taken: Taken) -> list[EncodePart]:
-        """One part per loaded delta, its requests' slices as sub-jobs in `taken`'s order within
-        each part (`_answer_encode` walks them the same way)."""
-        parts: dict[int, EncodePart] = {}
-        for req, texts in taken:
-            loaded = req.loaded
-            assert loaded is not None
-            sub = replace(req.job, texts=tuple(req.job.texts[i] for i in texts))  # type: ignore[type-var]
-            part = parts.get(id(loaded.prepared))
-            if part is None:
-                part = parts[id(loaded.prepared)] = EncodePart(str(req.key), loaded.prepared,
-                                                               loaded.labels, [])
-            part.jobs.append(sub)
-        return list(parts.values())
-
-    def _oldest(self, key) -> int:
-        line = self.queues.encode.get(key)
-        return line[0].seq if line else 1 << 62
-
-    def _drop_gone_encode(self) -> None:
-        for line in list(self.queues.encode.values()):
-            for req in [r for r in line if r.gone]:
-                self.queues.leave(req)
 
     # -- generation: admission into decode ----------------------------------------------------------
 
@@ -333,7 +262,7 @@ class Scheduler:
     def _absorb(self, plan: StepPlan, encoded: Taken,
                 report: StepReport, run_s: float) -> None:
         if plan.encode:
-            self._answer_encode(plan, encoded, report, run_s)
+            self.encode.answer(plan, encoded, report, run_s)
         for work, exc in report.prefill_errors:
             self._end_sequence(work.seq, exc)
         for group, exc in report.decode_errors:
@@ -347,39 +276,6 @@ class Scheduler:
         self._groups = {k: v for k, v in self._groups.items() if len(v[0])
                         or any(w.group is v[0] for w in self._prefilling)}
         self._expire_live()
-
-    def _answer_encode(self, plan: StepPlan, encoded: Taken,
-                       report: StepReport, run_s: float) -> None:
-        self.batches += 1
-        self.mixed_batches += len(plan.encode) > 1
-        if report.encode_error is not None:
-            for req, _ in encoded:
-                _settle(req, report.encode_error)
-                self.queues.leave(req)
-            return
-        by_part = {id(part.prepared): iter(got) for part, got in zip(plan.encode, report.encoded,
-                                                                       strict=True)}
-        for req, texts in encoded:
-            answers = next(by_part[id(req.loaded.prepared if req.loaded else None)])
-            for i, answer in zip(texts, answers, strict=True):
-                req.answers[i] = answer
-            if len(req.answers) == len(req.lengths):
-                loaded = req.loaded
-                rows = [req.answers[i] for i in range(len(req.lengths))]
-                _settle(req, EncodeResult(rows, loaded.version if loaded else None))
-                self.queues.leave(req)
-        self._report_batch(plan, encoded, run_s)
-
-    def _report_batch(self, plan: StepPlan, encoded: Taken, run_s: float) -> None:
-        now = asyncio.get_running_loop().time()
-        waits = [now - run_s - r.enqueued_at for r, _ in encoded]
-        try:
-            if self._on_batch is not None:
-                self._on_batch(plan.encode[0].key, len(encoded), waits, run_s)
-            if self._on_mixed is not None and len(plan.encode) > 1:
-                self._on_mixed(len(plan.encode), len(encoded))
-        except Exception:
-            log.exception("a batch hook failed")
 
     def _end_sequence(self, seq: Sequence, error: BaseException | None = None) -> None:
         req = self._live.pop(seq, None)
