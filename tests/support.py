@@ -137,7 +137,7 @@ KEYS = {"acme": "key-acme", "beta": "key-beta"}
 
 def settings_for(redis_url: str, tmp_path, **over) -> Settings:
     """Server settings for a test: two tenants (KEYS), an admin key, quick batching and re-checks."""
-    base = dict(redis_url=redis_url, data_dir=tmp_path / "data", max_wait_ms=2.0,
+    base = dict(redis_url=redis_url, data_dir=tmp_path / "data",
                 api_keys=",".join(f"{t}:{k}" for t, k in KEYS.items()), admin_key="key-admin",
                 version_check_s=0.2)
     return Settings(**(base | over))

@@ -415,7 +415,7 @@ def test_trained_delta_scores_the_same_through_the_rest_api(tiny_bert, redis_pro
         probs = trained.model(**batch_of(feats)).logits.softmax(-1)  # offline: the trained model itself
     offline = evaluate(trained.model, feats)
     saved = snapshot(tiny_bert)
-    settings = Settings(redis_url=redis_proc.url, data_dir=tmp_path / "data", max_wait_ms=2.0,
+    settings = Settings(redis_url=redis_proc.url, data_dir=tmp_path / "data",
                         api_keys="acme:key-acme", admin_key="key-admin")
     with live_server(create_app(settings, base=tiny_bert)) as srv:
         with httpx.Client(base_url=srv.url, headers={"Authorization": "Bearer key-acme"}, timeout=30) as c:

@@ -71,7 +71,7 @@ def test_an_oversized_delta_is_fetched_once_per_request(tiny_bert, redis_proc, t
     """A cache smaller than the delta: resolving the task and running it share one read and one
     decode (a plain cache read it twice per request); requests within the hold share it too."""
     s = Settings(redis_url=redis_proc.url, data_dir=tmp_path / "data", auth=False,
-                 max_wait_ms=1.0, cache_bytes=1024)
+                 cache_bytes=1024)
     data = dumps(random_delta(tiny_bert, 0.01, seed=1, kind="classify", labels=["a", "b"]))
     with live_server(create_app(s, base=tiny_bert)) as srv, \
             httpx.Client(base_url=srv.url, timeout=30) as c:

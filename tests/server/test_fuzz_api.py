@@ -84,7 +84,7 @@ class Tally:
 def served(tiny_bert, redis_proc, tmp_path, live_server):
     """(schema, upload-body variants, a client) for the app running on a live loopback server."""
     s = Settings(redis_url=redis_proc.url, data_dir=tmp_path / "data", api_keys=f"fuzz:{KEY}",
-                 max_wait_ms=1.0, max_delta_bytes=1024 * 1024, request_timeout_s=30.0)
+                 max_delta_bytes=1024 * 1024, request_timeout_s=30.0)
     variants = [dumps(random_delta(tiny_bert, 0.001, seed=i, kind=kind, labels=labels))
                 for i, (kind, labels) in enumerate([("classify", ["a", "b"]), ("embed", None),
                                                      ("classify", ["x", "y", "z"]), ("embed", None)])]

@@ -221,7 +221,7 @@ def test_hostile_uploads_are_refused_naming_the_problem_and_leave_no_trace(
     assert len({h.name for h in corpus}) == len(corpus) >= 60
     keep = dumps(random_delta(tiny_bert, 0.001, seed=3, kind="classify", labels=["x", "y"]))
     s = Settings(redis_url=redis_proc.url, data_dir=tmp_path / "data", api_keys=f"t:{KEY}",
-                 max_wait_ms=1.0, max_delta_bytes=LIMIT)
+                 max_delta_bytes=LIMIT)
     saved = snapshot(tiny_bert)
     r = redis.Redis.from_url(redis_proc.url)
     wrong: list[str] = []

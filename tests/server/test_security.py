@@ -27,7 +27,7 @@ ADMIN = "sk-admin-9b1c3e5d7f"
 
 
 def settings_for(redis_url: str, tmp_path, **over) -> Settings:
-    base = dict(redis_url=redis_url, data_dir=tmp_path / "data", max_wait_ms=1.0,
+    base = dict(redis_url=redis_url, data_dir=tmp_path / "data",
                 api_keys=",".join(f"{t}:{k}" for t, k in KEYS.items()), admin_key=ADMIN)
     return Settings(**(base | over))
 

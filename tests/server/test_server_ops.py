@@ -17,7 +17,7 @@ KEY = {"Authorization": "Bearer key-acme"}
 
 
 def make_settings(redis_url: str, tmp_path, **over) -> Settings:
-    base = dict(redis_url=redis_url, data_dir=tmp_path / "data", max_wait_ms=1.0,
+    base = dict(redis_url=redis_url, data_dir=tmp_path / "data",
                 api_keys="acme:key-acme", version_check_s=0.2)
     return Settings(**(base | over))
 

@@ -32,8 +32,7 @@ class EmbeddedServer:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "taskdelta.server", "--base", str(base_dir), "--port",
                  str(self.port), "--data-dir", str(data_dir), "--no-auth", "--log-level", "warning"],
-                env=os.environ | {"HF_HUB_OFFLINE": "1", "TASKDELTA_DEVICE": "cpu",
-                                  "TASKDELTA_MAX_WAIT_MS": "1"},
+                env=os.environ | {"HF_HUB_OFFLINE": "1", "TASKDELTA_DEVICE": "cpu"},
                 stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self) -> None:

@@ -161,7 +161,7 @@ def test_redis_outages_under_load_fail_fast_keep_cached_tasks_and_lose_no_ack(
     # the three upload clients are one tenant's: the per-tenant upload gate admits all three, so an
     # upload's answer says what Redis did (201 or 503), not that the gate was full (429)
     s = Settings(redis_url=redis_proc.url, data_dir=tmp_path / "data", api_keys=f"acme:{KEY}",
-                 max_wait_ms=1.0, version_check_s=VERSION_CHECK_S, request_timeout_s=TIMEOUT_S,
+                 version_check_s=VERSION_CHECK_S, request_timeout_s=TIMEOUT_S,
                  max_uploads_per_tenant=3)
     bodies = [dumps(random_delta(tiny_bert, 0.0005, seed=i, kind="classify", labels=["a", "b"]))
               for i in range(3)]
@@ -223,8 +223,7 @@ def start_server(base_dir: Path, redis_url: str, workdir: Path) -> ServerProcess
     """`python -m taskdelta.server` as a child process (SIGKILLable), storing in 1 KiB chunks."""
     workdir.mkdir(parents=True, exist_ok=True)
     server = ServerProcess("server", base_dir, redis_url, workdir,
-                           env={"TASKDELTA_API_KEYS": f"acme:{KEY}", "TASKDELTA_CHUNK_BYTES": "1024",
-                                "TASKDELTA_MAX_WAIT_MS": "1"})
+                           env={"TASKDELTA_API_KEYS": f"acme:{KEY}", "TASKDELTA_CHUNK_BYTES": "1024"})
     server.wait_ready()
     return server
 

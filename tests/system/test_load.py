@@ -109,7 +109,7 @@ def test_thousand_concurrent_clients_get_only_200_or_429_within_queue_limits(
     from taskdelta.server.settings import Settings
 
     s = Settings(redis_url=redis_proc.url, data_dir=tmp_path / "data", api_keys=f"acme:{KEY}",
-                 max_batch=16, max_wait_ms=2.0, max_queue=48, max_queued_total=128,
+                 max_batch=16, max_queue=48, max_queued_total=128,
                  request_timeout_s=120.0)
     limits = (s.max_queued_total, s.max_queue)
     with BigServer(live_server, create_app(s, base=tiny_bert)) as srv:
