@@ -134,6 +134,22 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path
 
 
 @pytest.fixture(scope="session")
+def varied_llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A tiny Llama whose greedy outputs vary (larger initial weights than `tiny_llama_dir`'s,
+    whose random model answers EOS at once): for tests that compare generated text."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=101, eos_token_id=102,
+                      initializer_range=0.2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    return _save_tiny(LlamaForCausalLM(cfg), tokenizer_dir, tmp_path_factory.mktemp("varied-llama"))
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tiny_bert_dir: Path):
     from taskdelta.deltas import load_base
 

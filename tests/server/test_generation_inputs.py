@@ -10,11 +10,8 @@ schema admits makes it fail (found beyond issue 14's list, on a live server):
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 import pytest
-import torch
 from support import HANG_GUARD_S, auth
 
 from taskdelta.deltas import dumps, load_base, random_delta
@@ -22,27 +19,10 @@ from taskdelta.deltas import dumps, load_base, random_delta
 PROMPT = "the capital of france is"
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """A tiny Llama whose greedy text varies (the shared fixture's answers EOS at once)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=101, eos_token_id=102,
-                      initializer_range=0.2)
-    cfg.architectures = ["LlamaForCausalLM"]
-    out = tmp_path_factory.mktemp("varied-llama")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
-    return out
-
-
 @pytest.fixture
-def client(llama_dir, serve):
+def client(varied_llama_dir, serve):
     """A live server on the tiny Llama with a classify task `c`, and acme's client."""
-    base = load_base(llama_dir, device="cpu")
+    base = load_base(varied_llama_dir, device="cpu")
     delta = dumps(random_delta(base, 0.01, seed=1, kind="classify", labels=["a", "b"]))
     with serve(base) as srv, httpx.Client(base_url=srv.url, headers=auth("acme"),
                                           timeout=HANG_GUARD_S) as c:

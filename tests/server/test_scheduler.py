@@ -29,26 +29,8 @@ PROMPTS = ["this is a test.", "hello world", "the capital of france is", "one tw
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
-    """A tiny Llama whose greedy outputs vary (larger initial weights than the shared fixture's,
-    whose random model answers EOS at once)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=101, eos_token_id=102,
-                      initializer_range=0.2)
-    cfg.architectures = ["LlamaForCausalLM"]
-    out = tmp_path_factory.mktemp("varied-llama")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def llama(llama_dir: Path):
-    return load_base(llama_dir, device="cpu")
+def llama(varied_llama_dir: Path):
+    return load_base(varied_llama_dir, device="cpu")
 
 
 def make_engine(base, store=None, **over) -> Engine:
