@@ -148,7 +148,9 @@ def start_server(args, work: Path, mixed: bool = True) -> ServerProcess:
     if args.device:
         argv += ["--device", args.device]
     env = {"TASKDELTA_TORCH_THREADS": str(args.threads), "TASKDELTA_CACHE_BYTES": str(args.cache_bytes),
-           "TASKDELTA_MIXED_BATCHES": "true" if mixed else "false"}
+           "TASKDELTA_MIXED_BATCHES": "true" if mixed else "false",
+           # the zipf names beside the fixed tasks: over the default 1,000 tasks a tenant may hold
+           "TASKDELTA_MAX_TASKS_PER_TENANT": str(max(1000, args.zipf_names + 64))}
     return ServerProcess(argv, port, args.threads, log=work / "server.log", env=env)
 
 
