@@ -31,10 +31,13 @@ from taskdelta.deltas import Swapper, dumps, extract, load_base, loads, prepare,
 from taskdelta.deltas.masks import mask_from_scores  # noqa: E402
 from taskdelta.deltas.recipe import load_task_data, sparse_lr  # noqa: E402
 from taskdelta.deltas.train import (  # noqa: E402
+    DenseExtract,
     TrainConfig,
+    fit,
     gradient_scores,
     probe_head,
     refit,
+    train_dense_extract,
     train_full,
     train_sparse,
 )
@@ -69,6 +72,62 @@ def serve_score(base, delta, texts: list, labels: list[int], metric: str,
             preds += [prepared.labels.index(r["label"]) for r in out]
     acc = sum(p == y for p, y in zip(preds, labels, strict=True)) / len(labels)
     return (100 * mcc(preds, labels) if metric == "mcc" else 100 * acc), 100 * acc
+
+
+LORA_TARGETS = ("query", "key", "value", "dense")  # every linear of a BERT encoder (and its pooler)
+
+
+def lora_rank(shapes: list[tuple[int, int]], nnz: int) -> int:
+    """The LoRA rank whose trainable entries come closest to `nnz`: a rank-r adapter on an
+    [out, in] matrix trains r * (in + out) entries (A: [r, in], B: [out, r])."""
+    per_rank = sum(o + i for o, i in shapes)
+    return max(1, round(nnz / per_rank))
+
+
+class LoraTaskModel:
+    """PEFT LoRA on every linear of the task network (a private copy), with the dense head trained
+    alongside; `fit` trains it like the others. Scored by merging into that copy (`merged`)."""
+
+    def __init__(self, base, labels: list[str], rank: int, seed: int = 0) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        from taskdelta.deltas.train import FullTaskModel
+
+        self.base, self.kind, self.labels, self.rank = base, "classify", list(labels), rank
+        full = FullTaskModel(base, "classify", labels, seed=seed)
+        self._shapes = [tuple(m.weight.shape) for n, m in full.net.named_modules()
+                        if isinstance(m, torch.nn.Linear) and n.endswith(LORA_TARGETS)]
+        torch.manual_seed(seed)
+        self.net = get_peft_model(full.net.requires_grad_(False), LoraConfig(
+            r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
+            modules_to_save=["classifier"]))
+        self.lora = [p for n, p in self.net.named_parameters() if p.requires_grad and "lora_" in n]
+        self.head = [p for n, p in self.net.named_parameters() if p.requires_grad and "lora_" not in n]
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """[out, in] of every adapted matrix."""
+        return list(self._shapes)
+
+    @property
+    def trainable(self) -> int:
+        return sum(p.numel() for p in self.lora)
+
+    def stored_bytes(self) -> int:
+        """fp32 adapter + head entries: what a LoRA task costs to store (safetensors headers aside)."""
+        return 4 * (self.trainable + sum(p.numel() for p in self.head))
+
+    def __call__(self, **inputs):
+        return self.net(**inputs)
+
+    def param_groups(self, cfg: TrainConfig) -> list[dict]:
+        return [{"params": self.lora, "lr": cfg.lr, "weight_decay": 0.0},
+                {"params": self.head, "lr": cfg.head_lr, "weight_decay": 0.0}]
+
+    def train(self, mode: bool) -> None:
+        self.net.train(mode)
+
+    def merged(self):
+        return self.net.merge_and_unload()
 
 
 def mcc(preds: list[int], labels: list[int]) -> float:
@@ -127,6 +186,28 @@ def run_task(base, name: str, spec: TaskSpec, args: argparse.Namespace, results:
                time.perf_counter() - t)
         del full
 
+    if "lora" in args.methods:  # PEFT LoRA, rank matched to a 1 % delta's entries
+        t = time.perf_counter()
+        shapes = LoraTaskModel(base, data.labels, 1).shapes()
+        rank = lora_rank(shapes, round(args.extract_density * base.numel))
+        lm = LoraTaskModel(base, data.labels, rank, seed=args.seed)
+        trained = fit(lm, data.train, replace(common, lr=args.lora_lr))
+        merged = extract(base, lm.merged(), 1.0, kind="classify", labels=data.labels)  # served dense
+        record("lora", args.extract_density, merged, trained, time.perf_counter() - t,
+               stored=lm.stored_bytes())
+        del merged, lm
+
+    for density in args.densities if "dense-extract" in args.methods else ():
+        for block in (None, *args.blocks):
+            t = time.perf_counter()
+            trained = train_dense_extract(base, "classify", data.labels, data.train,
+                                          replace(common, lr=args.de_lr),
+                                          DenseExtract(density=density, dense_fraction=args.dense_fraction,
+                                                       dense_lr=args.full_lr, block=block))
+            method = "dense-extract" if block is None else "dense-extract-block"
+            record(method, density, trained.model.to_delta(method, block=block), trained,
+                   time.perf_counter() - t)
+
     if "sparse" in args.methods:
         t = time.perf_counter()
         probe_steps = math.ceil(args.probe_epochs * len(data.train) / args.batch_size)
@@ -161,8 +242,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--densities", type=lambda s: [float(x) for x in s.split(",")],
                    default=[0.001, 0.005, 0.01])
     p.add_argument("--masks", type=lambda s: s.split(","), default=["grad", "fisher"])
-    p.add_argument("--methods", type=lambda s: s.split(","), default=["full", "sparse", "extract"],
-                   help="which of full, sparse, extract (extract and refit need full) to run")
+    p.add_argument("--methods", type=lambda s: s.split(","),
+                   default=["full", "lora", "dense-extract", "sparse", "extract"],
+                   help="which of full, lora (PEFT, rank matched to --extract-density), dense-extract "
+                        "(the `train` default), sparse (masks from scratch), extract (needs full)")
+    p.add_argument("--dense-fraction", type=float, default=0.25,
+                   help="dense-extract: share of the steps trained densely (at --full-lr)")
+    p.add_argument("--de-lr", type=float, default=1e-3, help="dense-extract: the sparse phase's lr")
+    p.add_argument("--blocks", type=lambda s: [int(x) for x in s.split(",") if x], default=[16],
+                   help="dense-extract: also run block masks of these run lengths (at each density)")
+    p.add_argument("--lora-lr", type=float, default=5e-4)
     p.add_argument("--mask-batches", type=int, default=16)
     p.add_argument("--probe-epochs", type=float, default=0.0,
                    help="sparse runs: train a fresh head alone (frozen base) for this many epochs first; "
@@ -197,8 +286,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    if unknown_methods := set(args.methods) - {"full", "sparse", "extract"}:
-        p.error(f"unknown methods {sorted(unknown_methods)}; known: full, sparse, extract")
+    known = {"full", "lora", "dense-extract", "sparse", "extract"}
+    if unknown_methods := set(args.methods) - known:
+        p.error(f"unknown methods {sorted(unknown_methods)}; known: {', '.join(sorted(known))}")
     if "extract" in args.methods and "full" not in args.methods:
         p.error("extract takes its entries from the full fine-tune: --methods must include full")
     names = args.tasks.split(",")

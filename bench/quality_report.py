@@ -135,10 +135,13 @@ fine-tuning itself stays at chance (49.8 against a 50.6 majority class).
   of noise per score), and larger data for MRPC/CoLA/RTE (1,000-2,000 examples here)."""
 
 
+METHOD_ORDER = ["full", "lora", "dense-extract", "dense-extract-block", "grad", "fisher", "extract",
+                "extract+refit"]
+
+
 def columns(results: list[Result]) -> list[str]:
     seen: dict[str, None] = {}
-    for r in sorted(results, key=lambda r: (["full", "grad", "fisher", "extract", "extract+refit"]
-                                            .index(r.method), r.target)):
+    for r in sorted(results, key=lambda r: (METHOD_ORDER.index(r.method), r.target)):
         seen.setdefault(r.column)
     return list(seen)
 
@@ -174,7 +177,8 @@ def uninformative(results: list[Result], baselines: dict[str, float]) -> list[st
 def verdict(avg: dict[str, float], target: float = 0.01) -> str:
     full = avg.get("full")
     lines = []
-    for method in ("grad", "fisher", "extract", "extract+refit"):
+    for method in ("dense-extract", "dense-extract-block", "lora", "grad", "fisher", "extract",
+                   "extract+refit"):
         col = column(method, target)
         if full is None or col not in avg:
             continue

@@ -307,7 +307,19 @@ def train(
                                        "JSONL (instruction, input, output)")],
     output: OutOpt,
     density: Annotated[float, typer.Option(help="Fraction of base entries to train")] = 0.01,
-    mask: Annotated[str, typer.Option(help="grad | fisher | magnitude | random")] = "grad",
+    recipe: Annotated[str | None, typer.Option(
+        help="dense-extract (the default): train every entry for --dense-fraction of the steps, keep "
+             "the largest |w - w0| (biases and norms always in) and train only those for the rest, "
+             "from their dense values; scratch (the default when --mask, --exclude or --probe-epochs "
+             "is given): score a --mask first and train only it, from zero")] = None,
+    dense_fraction: Annotated[float, typer.Option(
+        help="dense-extract: share of the steps trained densely")] = 0.25,
+    dense_lr: Annotated[float, typer.Option(help="dense-extract: learning rate of the dense steps")] = 1e-4,
+    block: Annotated[int | None, typer.Option(
+        help="dense-extract: choose runs of this many entries along a row (16-64) instead of single "
+             "entries (the swap's fast path)")] = None,
+    mask: Annotated[str | None, typer.Option(
+        help="scratch: grad (default) | fisher | magnitude | random")] = None,
     mask_batches: Annotated[int, typer.Option(help="Batches the grad / fisher scores sum over")] = 16,
     probe_epochs: Annotated[float, typer.Option(
         help="classify: first train a fresh head alone on the frozen base for this many epochs; the "
@@ -339,22 +351,50 @@ def train(
     from .format import save
     from .masks import MASK_KINDS, mask_nnz
     from .recipe import choose_mask, default_kind, describe, load_task_data, provenance, sparse_lr
-    from .train import TRAINABLE_KINDS, TrainConfig, evaluate, probe_head, train_sparse
+    from .train import (
+        TRAINABLE_KINDS,
+        DenseExtract,
+        TrainConfig,
+        evaluate,
+        probe_head,
+        train_dense_extract,
+        train_sparse,
+    )
     from .validate import validate
 
     kind = kind or default_kind(data)
     if kind not in TRAINABLE_KINDS:
         _fail(ValueError(f"--kind must be one of {', '.join(TRAINABLE_KINDS)}, not {kind!r}"))
+    if recipe is None:
+        recipe = "scratch" if mask is not None or exclude or probe_epochs else "dense-extract"
+    if recipe not in ("dense-extract", "scratch"):
+        _fail(ValueError(f"--recipe must be dense-extract or scratch, not {recipe!r}"))
+    mask = mask or "grad"
     if mask not in MASK_KINDS:
         _fail(ValueError(f"--mask must be one of {', '.join(MASK_KINDS)}, not {mask!r}"))
     _quiet_transformers()
-    cfg = TrainConfig(lr=lr if lr is not None else sparse_lr(density), head_lr=head_lr, epochs=epochs,
+    default_lr = sparse_lr(density) if recipe == "scratch" else 1e-3
+    cfg = TrainConfig(lr=lr if lr is not None else default_lr, head_lr=head_lr, epochs=epochs,
                       max_steps=max_steps, batch_size=batch_size, max_length=max_length,
                       weight_decay=weight_decay, seed=seed)
     try:
         b = load_base(base, device="cpu")
         task = load_task_data(b, data, kind, text_col=text_col, label_col=label_col, pair_col=pair_col,
                               val_size=val_size, train_size=train_size, max_length=max_length, seed=seed)
+        if recipe == "dense-extract":
+            with _bar() as bar:
+                trained = train_dense_extract(b, kind, task.labels, task.train, cfg, DenseExtract(
+                    density=density, dense_fraction=dense_fraction, dense_lr=dense_lr, block=block),
+                    progress=_stepper(bar))
+                metrics = evaluate(trained.model, task.val, cfg.batch_size, _stepper(bar)) if task.val else {}
+            delta = trained.model.to_delta("dense-extract", **provenance(
+                cfg, trained, target_density=density, dense_fraction=dense_fraction, dense_lr=dense_lr,
+                block=block, **_scores(metrics)))
+            validate(delta, b)
+            save(delta, output, encoding)
+            out.print(f"wrote {output}\n" + describe(delta, output.stat().st_size, trained, metrics,
+                                                       len(task.val)))
+            return
         with _bar() as bar:
             steps = math.ceil(probe_epochs * len(task.train) / cfg.batch_size)
             heads = (probe_head(b, kind, task.labels, task.train, cfg, steps, probe_lr,

@@ -5,6 +5,14 @@
   gradients stand in for per-example ones, which would cost N x batch backward passes);
 - `magnitude`: the largest |base weight| per tensor;
 - `random`: uniformly random entries per tensor, seeded.
+
+`block_mask` turns any per-entry scores into a block-structured mask: runs of `block` consecutive
+entries along a row (the last dimension; a run is cut at the row's end), chosen by their summed
+score. The swap takes a faster path for such masks (docs/performance.md).
+
+`update_mask` is the mask of diff pruning's route (`train.train_dense_extract`): the largest
+|w - w0| of a short dense fine-tune, over all tensors together, with 1-D tensors (biases and
+LayerNorm) optionally always in.
 """
 
 from __future__ import annotations
@@ -92,6 +100,64 @@ def top_global(scores: dict[str, torch.Tensor], density: float) -> Mask:
         out[n] = chosen[lo:hi] - start
         start = stop
     return out
+
+
+def block_mask(scores: dict[str, torch.Tensor], density: float, block: int,
+               scope: str = "global") -> Mask:
+    """Runs of `block` entries along the last dimension, the highest summed scores first, about
+    round(density * entries) entries in all (`global`) or per tensor (`per-tensor`). A row whose
+    length is not a multiple of `block` ends in a shorter run. Blocks scoring 0 are never chosen."""
+    _check_density(density)
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    names = sorted(scores)
+    sums: dict[str, torch.Tensor] = {}
+    for n in names:
+        s = scores[n].float()
+        s = s.reshape(1, -1) if s.dim() < 2 else s.reshape(-1, s.shape[-1])  # [rows, cols]
+        cols = s.shape[1]
+        pad = -cols % block
+        padded = torch.nn.functional.pad(s, (0, pad))  # [rows, cols + pad]
+        sums[n] = padded.reshape(s.shape[0], -1, block).sum(-1).reshape(-1)  # [rows * blocks per row]
+    if scope == "per-tensor":
+        chosen = {n: _top(sums[n], max(1, round(density * scores[n].numel() / block))) for n in names}
+    else:
+        flat = torch.cat([sums[n] for n in names])  # [all blocks]
+        picked = _top(flat, max(1, round(density * sum(scores[n].numel() for n in names) / block)))
+        chosen, start = {}, 0
+        for n in names:
+            stop = start + sums[n].numel()
+            lo, hi = torch.searchsorted(picked, torch.tensor([start, stop], device=picked.device))
+            chosen[n], start = picked[lo:hi] - start, stop
+    out = {}
+    for n in names:
+        shape = scores[n].shape
+        cols = shape[-1] if len(shape) >= 1 else 1
+        per_row = -(-cols // block)
+        b = chosen[n].cpu()
+        rows, col0 = b // per_row, (b % per_row) * block
+        starts = rows * cols + col0  # [chosen blocks]
+        idx = (starts[:, None] + torch.arange(block)[None, :]).reshape(-1)  # [blocks * block]
+        ok = (col0[:, None] + torch.arange(block)[None, :]).reshape(-1) < cols
+        out[n] = idx[ok].to(scores[n].device)  # sorted: blocks are sorted and never overlap
+    return out
+
+
+def update_mask(updates: dict[str, torch.Tensor], density: float, always: Sequence[str] = (),
+                block: int | None = None) -> Mask:
+    """round(density * entries) largest |update| over all tensors together (zeros never chosen);
+    the tensors named in `always` (e.g. biases and norms) are taken whole, out of the same budget.
+    `block`: runs of that many entries along a row instead of single entries."""
+    _check_density(density)
+    total = sum(u.numel() for u in updates.values())
+    whole = {n: torch.nonzero(updates[n].reshape(-1)).reshape(-1) for n in always if n in updates}
+    rest = {n: u.detach().abs() for n, u in updates.items() if n not in whole}
+    budget = round(density * total) - sum(int(i.numel()) for i in whole.values())
+    if budget <= 0 or not rest:
+        return whole
+    share = min(1.0, budget / sum(u.numel() for u in rest.values()))
+    picked = block_mask(rest, share, block) if block else top_global(rest, share)
+    return {**picked, **whole}
 
 
 def _top(flat: torch.Tensor, k: int) -> torch.Tensor:

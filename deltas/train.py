@@ -27,7 +27,7 @@ from .base import Base
 from .data import IGNORE, batches, n_batches
 from .format import HEAD_KINDS, DeltaMeta, Provenance, SparseTensor, TaskDelta
 from .heads import build_classifier, head_spec
-from .masks import GradScores, Mask, accumulate_grads
+from .masks import GradScores, Mask, accumulate_grads, update_mask
 
 TRAINABLE_KINDS = ("classify", "regress", "generate")
 
@@ -391,6 +391,61 @@ def refit(base: Base, delta: TaskDelta, features: Sequence[dict], cfg: TrainConf
     model = SparseTaskModel(base, delta.meta.kind, delta.meta.labels, mask, values=values,
                             heads=dict(delta.heads), seed=cfg.seed)
     return fit(model, features, cfg, progress)
+
+
+@dataclass(frozen=True)
+class DenseExtract:
+    """Diff pruning's route at the cost of one fine-tune: `dense_fraction` of the steps train every
+    entry (at `dense_lr`), then the largest |w - w0| at `density` become the mask and the rest of
+    the steps train only those entries, starting from the dense phase's values there (not zero)."""
+
+    density: float = 0.01
+    dense_fraction: float = 0.25
+    dense_lr: float = 1e-4
+    always_1d: bool = True  # biases and LayerNorm weights always in (out of the same budget)
+    block: int | None = None  # runs of this many entries along a row instead of single entries
+
+
+def split_steps(total: int, dense_fraction: float) -> tuple[int, int]:
+    """(dense steps, sparse steps) of `total`: at least one of each."""
+    if total < 2:
+        raise ValueError(f"the dense-then-sparse recipe needs at least 2 steps, got {total}")
+    dense = min(total - 1, max(1, round(dense_fraction * total)))
+    return dense, total - dense
+
+
+def dense_updates(base: Base, model: FullTaskModel) -> dict[str, torch.Tensor]:
+    """w - w0 of every base tensor a fine-tuned copy changed (in float32, the base's shapes)."""
+    where = _names_in(task_net(base, model.kind, model.labels, dict(model.head)), base)
+    body = dict(model.net.named_parameters())
+    return {b: (body[n].detach().float() - base.params[b].detach().float())
+            for b, n in where.items() if n in body}
+
+
+def train_dense_extract(base: Base, kind: str, labels: Sequence[str], features: Sequence[dict],
+                        cfg: TrainConfig, recipe: DenseExtract = DenseExtract(),
+                        progress: Progress | None = None) -> Trained:
+    """`recipe`'s dense phase, mask and sparse phase; `cfg.lr` is the sparse phase's learning rate
+    and `cfg.max_steps` (or epochs) the total of both phases. The result's `steps` is that total."""
+    per_epoch = n_batches(len(features), cfg.batch_size)
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * per_epoch
+    n_dense, n_sparse = split_steps(total, recipe.dense_fraction)
+    full = fit(FullTaskModel(base, kind, labels, seed=cfg.seed), features,
+               replace(cfg, lr=recipe.dense_lr, max_steps=n_dense), progress)
+    updates = dense_updates(base, full.model)
+    heads = {n: p.detach().clone() for n, p in full.model.head.items()}
+    del full
+    always = [n for n, u in updates.items() if u.dim() == 1] if recipe.always_1d else []
+    mask = update_mask(updates, recipe.density * base.numel / sum(u.numel() for u in updates.values())
+                       if updates else recipe.density, always=always, block=recipe.block)
+    mask = {n: i for n, i in mask.items() if i.numel()}
+    values = {n: updates[n].reshape(-1)[i.to(updates[n].device)] for n, i in mask.items()}
+    del updates
+    model = SparseTaskModel(base, kind, labels, mask, values=values, heads=heads, seed=cfg.seed)
+    # the sparse phase's data order continues where the dense phase stopped
+    trained = fit(model, features, replace(cfg, max_steps=n_sparse, seed=cfg.seed + 1), progress)
+    trained.steps = total
+    return trained
 
 
 def train_full(base: Base, kind: str, labels: Sequence[str], features: Sequence[dict], cfg: TrainConfig,
