@@ -33,7 +33,7 @@ import httpx
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported by path
-from loadgen import ServerProcess, free_port, machine, parse_prometheus  # noqa: E402
+from loadgen import ServerProcess, free_port, machine, parse_prometheus, proc_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"big": "key-big-0123456789", "small": "key-small-0123456789"}
@@ -51,14 +51,6 @@ def long_texts(tokenizer, n: int, tokens: int) -> list[str]:
     return out
 
 
-def peak_rss() -> int:
-    """This process's peak resident set (VmHWM), bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def reference(args) -> dict:
     """The texts as one padded forward, in this (fresh) process: time, peak memory, embeddings."""
     import torch
@@ -71,11 +63,12 @@ def reference(args) -> dict:
     base = load_base(args.base, device="cpu")
     texts = long_texts(base.tokenizer, args.texts, args.tokens)
     embed(base.backbone, base.tokenizer, [EmbedJob(texts=tuple(texts[:2]))])  # one-off setup
-    before = peak_rss()
+    before = proc_memory()["rss_peak"]
     started = time.perf_counter()
     (rows,) = embed(base.backbone, base.tokenizer, [EmbedJob(texts=tuple(texts))])
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "rss_before": before, "rss_peak": peak_rss(), "rows": rows}
+    return {"seconds": seconds, "rss_before": before,
+            "rss_peak": proc_memory()["rss_peak"], "rows": rows}
 
 
 def run_reference(args) -> dict:

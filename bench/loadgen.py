@@ -101,12 +101,7 @@ class ServerProcess:
 
     def memory(self) -> dict[str, int]:
         """Resident set size now and at its peak (VmHWM), in bytes."""
-        out = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out["rss" if key == "VmRSS" else "rss_peak"] = int(rest.split()[0]) * 1024
-        return out
+        return proc_memory(self.proc.pid)
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -116,6 +111,16 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def proc_memory(pid: int | str = "self") -> dict[str, int]:
+    """A process's resident set size now ("rss") and at its peak ("rss_peak", VmHWM), in bytes."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out["rss" if key == "VmRSS" else "rss_peak"] = int(rest.split()[0]) * 1024
+    return out
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
