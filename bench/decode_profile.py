@@ -89,19 +89,26 @@ def server_wave(base: Base, prompts: list[str], tokens: int) -> Timers:
     undo = [timers.wrap(base.model, "forward", "forward"), timers.wrap(group, "join", "join"),
             timers.wrap(group, "keep", "keep")]
     try:
-        report = StepReport()
-        with timers.part("prefill step"):
-            # whole prompts of one group are read in one left-padded forward, as the server does
-            executor.prefill([Prefill(seq, None, group) for seq in sequences(base, prompts, tokens)],
-                             4096, report)
-        timers.seconds["prefill forward"] = timers.seconds["forward"]
-        while len(group):
-            with timers.part("decode step"):
-                executor.decode(group, None, report)
+        run_wave(timers, executor, group,
+                 [Prefill(seq, None, group) for seq in sequences(base, prompts, tokens)])
     finally:
         for u in undo:
             u()
     return timers
+
+
+def run_wave(timers: Timers, executor: Executor, group: DecodeGroup, works: list[Prefill]) -> None:
+    """Every prompt prefilled (whole prompts of one group in one left-padded forward, as the server
+    does), then decode steps to the end; the prefill's share of the forward (and of the mixed
+    corrections) is recorded apart from the decode's."""
+    report = StepReport()
+    with timers.part("prefill step"):
+        executor.prefill(works, 4096, report)
+    timers.seconds["prefill forward"] = timers.seconds["forward"]
+    timers.seconds["prefill corrections"] = sum(timers.seconds[k] for k in KINDS)
+    while len(group):
+        with timers.part("decode step"):
+            executor.decode(group, None, report)
 
 
 def mixed_wave(base: Base, prompts: list[str], tokens: int, deltas: list[PreparedDelta]) -> Timers:
@@ -114,16 +121,9 @@ def mixed_wave(base: Base, prompts: list[str], tokens: int, deltas: list[Prepare
         mixer._runs[name] = _timed(timers, module_kind(module) or "", mixer._runs[name])
     undo = [timers.wrap(base.model, "forward", "forward"), timers.wrap(mixer, "mixing", "plan")]
     try:
-        report = StepReport()
-        with timers.part("prefill step"):
-            works = [Prefill(seq, deltas[n % len(deltas)], group, key=deltas[n % len(deltas)].name)
-                     for n, seq in enumerate(sequences(base, prompts, tokens))]
-            executor.prefill(works, 4096, report)
-        timers.seconds["prefill forward"] = timers.seconds["forward"]
-        timers.seconds["prefill corrections"] = sum(timers.seconds[k] for k in KINDS)
-        while len(group):
-            with timers.part("decode step"):
-                executor.decode(group, None, report)
+        run_wave(timers, executor, group,
+                 [Prefill(seq, deltas[n % len(deltas)], group, key=deltas[n % len(deltas)].name)
+                  for n, seq in enumerate(sequences(base, prompts, tokens))])
     finally:
         for u in undo:
             u()
