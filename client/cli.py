@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -203,8 +203,7 @@ def classify(
         return
     table = Table(Column("text", overflow="fold"), "label", "score")
     for text, r in zip(inputs, result.results, strict=False):
-        shown = text if isinstance(text, str) else " || ".join(text)
-        table.add_row(shown, r.label, f"{r.scores.get(r.label, float('nan')):.3f}")
+        table.add_row(_shown(text), r.label, f"{r.scores.get(r.label, float('nan')):.3f}")
     _out().print(table)
 
 
@@ -226,8 +225,13 @@ def score(
         return
     table = Table(Column("text", overflow="fold"), "score")
     for text, value in zip(inputs, result.scores, strict=False):
-        table.add_row(text if isinstance(text, str) else " || ".join(text), f"{value:.4f}")
+        table.add_row(_shown(text), f"{value:.4f}")
     _out().print(table)
+
+
+def _shown(text: str | Sequence[str]) -> str:
+    """A text as a table shows it; a pair as "text || text_pair"."""
+    return text if isinstance(text, str) else " || ".join(text)
 
 
 def _inputs(texts: list[str], pair: bool) -> list[str | tuple[str, str]]:

@@ -43,7 +43,7 @@ class MicroBatches:
         self.queues, self.turns = queues, turns
         self.max_rows, self.max_tokens = max_rows, max_tokens
         self.mixer = mixer
-        self.mixed = mixed and mixer is not None
+        self.mixed = mixed  # the scheduler's setting, already off where there is no mixer
         self._settle = settle
         self._on_batch = on_batch
         self._on_mixed = on_mixed  # (tasks, requests) of each mixed micro-batch

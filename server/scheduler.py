@@ -67,7 +67,7 @@ class Scheduler:
         self.queues = Queues(limits.max_queue, limits.max_queued_total, limits.retry_after_s)
         self.turns = TurnPolicy(limits.max_consecutive_batches, limits.max_hold_ms)
         self.encode = MicroBatches(self.queues, self.turns, limits.max_batch,
-                                   limits.max_batch_tokens, mixer=executor.mixer, mixed=mixed,
+                                   limits.max_batch_tokens, mixer=executor.mixer, mixed=self._mixed,
                                    settle=_settle, on_batch=on_batch, on_mixed=on_mixed)
         self._prefilling: list[Prefill] = []
         self._groups: dict[tuple, tuple[DecodeGroup, Loaded]] = {}  # (task, version) or MIXED
