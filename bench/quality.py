@@ -45,6 +45,7 @@ from taskdelta.server.inference import classify  # noqa: E402
 from taskdelta.server.jobs import ClassifyJob  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or imported by path
+from quality_regress import serve_regress  # noqa: E402
 from quality_report import (  # noqa: E402
     DATA,
     DEFAULT_TASKS,
@@ -58,9 +59,13 @@ from quality_report import (  # noqa: E402
 )
 
 
-def serve_score(base, delta, texts: list, labels: list[int], metric: str,
+def serve_score(base, delta, texts: list, labels: list, metric: str,
                 batch: int = 64) -> tuple[float, float]:
-    """(score, accuracy) of `delta` swapped into `base`, run by the server's classify()."""
+    """(score, accuracy) of `delta` swapped into `base`, run by the server's classify(); a regress
+    task (metric pearson): (Pearson, Spearman) of the server's score() outputs, both x 100."""
+    if metric == "pearson":
+        m = serve_regress(base, delta, texts, labels, batch)
+        return 100 * m["pearson"], 100 * m["spearman"]
     delta = loads(dumps(delta))  # the bytes a client uploads
     validate(delta, base)
     prepared = prepare(delta, base, name="bench")
@@ -88,13 +93,13 @@ class LoraTaskModel:
     """PEFT LoRA on every linear of the task network (a private copy), with the dense head trained
     alongside; `fit` trains it like the others. Scored by merging into that copy (`merged`)."""
 
-    def __init__(self, base, labels: list[str], rank: int, seed: int = 0) -> None:
+    def __init__(self, base, labels: list[str], rank: int, seed: int = 0, kind: str = "classify") -> None:
         from peft import LoraConfig, get_peft_model
 
         from taskdelta.deltas.train import FullTaskModel
 
-        self.base, self.kind, self.labels, self.rank = base, "classify", list(labels), rank
-        full = FullTaskModel(base, "classify", labels, seed=seed)
+        self.base, self.kind, self.labels, self.rank = base, kind, list(labels), rank
+        full = FullTaskModel(base, kind, labels, seed=seed)
         self._shapes = [tuple(m.weight.shape) for n, m in full.net.named_modules()
                         if isinstance(m, torch.nn.Linear) and n.endswith(LORA_TARGETS)]
         torch.manual_seed(seed)
@@ -144,7 +149,8 @@ def run_task(base, name: str, spec: TaskSpec, args: argparse.Namespace, results:
              flush: Callable[[], None]) -> None:
     """Append each of the task's results to `results` as it is measured, calling `flush` after each."""
     t0 = time.perf_counter()
-    data = load_task_data(base, DATA / spec.file, "classify", text_col=spec.text, label_col=spec.label,
+    kind = spec.kind
+    data = load_task_data(base, DATA / spec.file, kind, text_col=spec.text, label_col=spec.label,
                           pair_col=spec.pair, val_size=args.val_size,
                           train_size=args.train_size or spec.train_size, max_length=args.max_length,
                           seed=args.seed)
@@ -169,7 +175,7 @@ def run_task(base, name: str, spec: TaskSpec, args: argparse.Namespace, results:
     full = None
     if "full" in args.methods:
         t = time.perf_counter()
-        full = train_full(base, "classify", data.labels, data.train, replace(common, lr=args.full_lr))
+        full = train_full(base, kind, data.labels, data.train, replace(common, lr=args.full_lr))
         dense = extract(base, full.model.net, 1.0)  # every changed entry: the full fine-tune, served
         checkpoint = 4 * sum(p.numel() for p in full.model.net.parameters())
         record("full", 1.0, dense, full, time.perf_counter() - t, stored=checkpoint)
@@ -188,11 +194,11 @@ def run_task(base, name: str, spec: TaskSpec, args: argparse.Namespace, results:
 
     if "lora" in args.methods:  # PEFT LoRA, rank matched to a 1 % delta's entries
         t = time.perf_counter()
-        shapes = LoraTaskModel(base, data.labels, 1).shapes()
+        shapes = LoraTaskModel(base, data.labels, 1, kind=kind).shapes()
         rank = lora_rank(shapes, round(args.extract_density * base.numel))
-        lm = LoraTaskModel(base, data.labels, rank, seed=args.seed)
+        lm = LoraTaskModel(base, data.labels, rank, seed=args.seed, kind=kind)
         trained = fit(lm, data.train, replace(common, lr=args.lora_lr))
-        merged = extract(base, lm.merged(), 1.0, kind="classify", labels=data.labels)  # served dense
+        merged = extract(base, lm.merged(), 1.0, kind=kind, labels=data.labels)  # served dense
         record("lora", args.extract_density, merged, trained, time.perf_counter() - t,
                stored=lm.stored_bytes())
         del merged, lm
@@ -200,7 +206,7 @@ def run_task(base, name: str, spec: TaskSpec, args: argparse.Namespace, results:
     for density in args.densities if "dense-extract" in args.methods else ():
         for block in (None, *args.blocks):
             t = time.perf_counter()
-            trained = train_dense_extract(base, "classify", data.labels, data.train,
+            trained = train_dense_extract(base, kind, data.labels, data.train,
                                           replace(common, lr=args.de_lr),
                                           DenseExtract(density=density, dense_fraction=args.dense_fraction,
                                                        dense_lr=args.full_lr, block=block))
@@ -211,16 +217,16 @@ def run_task(base, name: str, spec: TaskSpec, args: argparse.Namespace, results:
     if "sparse" in args.methods:
         t = time.perf_counter()
         probe_steps = math.ceil(args.probe_epochs * len(data.train) / args.batch_size)
-        heads = (probe_head(base, "classify", data.labels, data.train, common, probe_steps, args.probe_lr)
+        heads = (probe_head(base, kind, data.labels, data.train, common, probe_steps, args.probe_lr)
                  if probe_steps else None)
-        scores = gradient_scores(base, "classify", data.labels, data.train, common, args.mask_batches,
+        scores = gradient_scores(base, kind, data.labels, data.train, common, args.mask_batches,
                                  heads=heads)
         score_s = time.perf_counter() - t
         for density in args.densities:  # in the order given: a run cut short has the first ones
             for mask_kind in args.masks:
                 t = time.perf_counter()
                 mask = mask_from_scores(mask_kind, scores, density, exclude=args.exclude)
-                trained = train_sparse(base, "classify", data.labels, data.train, mask,
+                trained = train_sparse(base, kind, data.labels, data.train, mask,
                                        replace(common, lr=sparse_lr(density, args.sparse_lr)), heads=heads)
                 delta = trained.model.to_delta("sparse-train", mask=mask_kind, target_density=density)
                 record(mask_kind, density, delta, trained, time.perf_counter() - t + score_s)

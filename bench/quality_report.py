@@ -32,6 +32,7 @@ class TaskSpec:
     pair: str | None = None
     metric: str = "accuracy"  # the score averaged in the table (CoLA: Matthews correlation)
     train_size: int = 2000  # seeded subsample of the training part (after the validation carve)
+    kind: str = "classify"  # regress: a 1-output head on a float label, metric pearson (+ Spearman)
 
 
 # Training sizes fit the whole table in about an hour on 2 cores: SST-2 needs few examples to learn,
@@ -44,6 +45,8 @@ TASKS = {
     "rte": TaskSpec("rte/train.tsv", "sentence1", "label", pair="sentence2", train_size=500),
     "qnli": TaskSpec("qnli/train.tsv", "question", "label", pair="sentence", train_size=1000),
     "ag_news": TaskSpec("ag_news/train.tsv", "text", "label", train_size=1000),
+    "stsb": TaskSpec("stsb/train.tsv", "sentence1", "score", pair="sentence2", metric="pearson",
+                     kind="regress"),
 }
 DEFAULT_TASKS = "sst2,mrpc,rte,cola,trec"
 
@@ -55,7 +58,7 @@ class Result:
     target: float  # the density asked for (1.0: full fine-tuning)
     density: float  # achieved: entries / base entries
     score: float  # the task's metric on the validation split, x 100
-    accuracy: float
+    accuracy: float  # regress tasks: Spearman x 100
     bytes: int  # what one task costs to store: the delta file (full: a dense fp32 checkpoint)
     train_loss: float | None
     seconds: float  # to make the delta (sparse runs include the mask scoring they share)
@@ -156,8 +159,11 @@ def averages(results: list[Result], names: list[str]) -> dict[str, float]:
 
 
 def majority(name: str, val_size: int, seed: int) -> float:
-    """The score of always answering the training part's most frequent label (MCC: 0)."""
+    """The score of always answering the training part's most frequent label (MCC, and a regress
+    task's Pearson of a constant: 0)."""
     spec = TASKS[name]
+    if spec.metric in ("mcc", "pearson"):
+        return 0.0
     data = load_classify(DATA / spec.file, spec.text, spec.label, spec.pair)
     train, val = carve(data.examples, val_size, seed)
     counts = [0] * len(data.labels)
