@@ -166,7 +166,7 @@ def run_task(base, name: str, spec: TaskSpec, args: argparse.Namespace, results:
         compact = len(dumps(delta, encoding="compact")) if stored is None else None
         r = Result(name, method, target, round(delta.meta.provenance.density, 6), round(score, 2),
                    round(acc, 2), size, round(trained.train_loss, 4) if trained else None, round(seconds, 1),
-                   compact)
+                   compact, args.seed, steps)
         results.append(r)
         flush()
         log(f"  {r.column:<20} {spec.metric} {r.score:6.2f}  ({r.bytes / 1e6:8.2f} MB, loss "
@@ -320,27 +320,29 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def merge(dirs: list[Path], out: Path) -> None:
-    """One report from runs made side by side (disjoint tasks, or the same tasks and disjoint
-    columns: e.g. --densities 0.01 and --methods sparse --densities 0.005,0.001). Its wall time is
-    the longest run's."""
+    """One report from runs made side by side: disjoint tasks, the same tasks with disjoint columns
+    (e.g. --densities 0.01 and --methods sparse --densities 0.005,0.001), or other seeds and step
+    counts (cells are then means over seeds). Its time is the runs' total."""
     runs = [load_results(d / "quality.json") for d in dirs]
-    free = ("tasks", "out", "threads", "methods", "densities", "masks")
+    free = ("tasks", "out", "threads", "methods", "densities", "masks", "blocks", "seed", "steps")
     same = [k for k in runs[0][1] if k not in free]
     for d, (_, saved, _, _) in zip(dirs[1:], runs[1:], strict=True):
         if differ := [k for k in same if saved.get(k) != runs[0][1][k]]:
             raise SystemExit(f"{d}: not the same settings as {dirs[0]}: {differ}")
     results = [r for res, _, _, _ in runs for r in res]
-    if len({(r.task, r.column) for r in results}) != len(results):
-        raise SystemExit("the runs overlap: a (task, column) appears twice")
+    if len({(r.task, r.column, r.seed) for r in results}) != len(results):
+        raise SystemExit("the runs overlap: a (task, column, seed) appears twice")
     order = DEFAULT_TASKS.split(",") + [t for t in TASKS if t not in DEFAULT_TASKS.split(",")]
     names = sorted({n for _, saved, _, _ in runs for n in saved["tasks"].split(",")}, key=order.index)
     results.sort(key=lambda r: names.index(r.task))
     densities = sorted({d for _, saved, _, _ in runs for d in saved["densities"]})
     masks = list(dict.fromkeys(m for _, saved, _, _ in runs for m in saved["masks"]))
     args = argparse.Namespace(**{**runs[0][1], "tasks": ",".join(names), "out": out, "densities": densities,
-                                 "masks": masks})
-    minutes = max(m for _, _, m, _ in runs)
-    command = " & ".join(c for _, _, _, c in runs) + "  # side by side"
+                                 "masks": masks, "seed": min(r.seed for r in results)})
+    minutes = sum(m for _, _, m, _ in runs)
+    command = (" & ".join(c for _, _, _, c in runs) + "  # side by side" if len(runs) <= 3 else
+               f"{len(runs)} runs of bench/quality.py merged with --merge (their commands: quality.json)")
+    args.commands = [c for _, _, _, c in runs]
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, results, args, names, minutes, command)
     log(f"wrote {out}/quality.md, quality.json, quality.png from {len(dirs)} runs")

@@ -1,0 +1,71 @@
+"""bench/quality_report.py's seed statistics: a cell is the mean over seeds with its standard
+error, a column's average needs every task, a gap to full fine-tuning is paired by seed, and a run
+saved before results carried their seed takes it from the run's arguments."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def qr():
+    spec = importlib.util.spec_from_file_location("quality_report", ROOT / "bench" / "quality_report.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quality_report"] = module  # its dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def result(qr, task: str, method: str, score: float, seed: int, target: float = 0.01):
+    return qr.Result(task, method, 1.0 if method == "full" else target, target, score, score, 1000, None,
+                     1.0, None, seed, 10)
+
+
+def test_stat_is_mean_and_standard_error(qr) -> None:
+    s = qr.stat([80.0, 84.0])
+    assert (s.mean, s.n) == (82.0, 2)
+    assert s.se == pytest.approx(2.0)  # sd 2.83 / sqrt 2
+    one = qr.stat([70.0])
+    assert one.se is None and str(one) == "70.00 (1 seed)"
+    assert qr.stat([1.0, 2.0, 3.0]).format() == f"+2.00 ± {math.sqrt(1 / 3):.2f}"
+
+
+def test_average_needs_every_task_and_propagates_errors(qr) -> None:
+    rs = [result(qr, "a", "full", 80, 0), result(qr, "a", "full", 84, 1),
+          result(qr, "b", "full", 60, 0), result(qr, "b", "full", 62, 1),
+          result(qr, "a", "lora", 70, 0)]
+    avg = qr.averages(rs, ["a", "b"])
+    assert avg["full"].mean == pytest.approx(71.5)
+    assert avg["full"].se == pytest.approx(math.sqrt(2.0 ** 2 + 1.0 ** 2) / 2)
+    assert "lora 1.0%" not in avg  # task b has no LoRA score
+
+
+def test_gap_is_paired_by_seed(qr) -> None:
+    # seed 1's split is harder for both methods: the paired gap has no spread, the unpaired one has
+    rs = [result(qr, "a", "full", 90, 0), result(qr, "a", "full", 80, 1),
+          result(qr, "a", "dense-extract", 89, 0), result(qr, "a", "dense-extract", 79, 1),
+          result(qr, "a", "dense-extract-block", 85, 0)]
+    g = qr.gap(rs, ["a"], "dense-extract 1.0%")
+    assert (g.mean, g.se) == (pytest.approx(-1.0), pytest.approx(0.0))
+    one = qr.gap(rs, ["a"], "dense-extract-block 1.0%")
+    assert one.mean == pytest.approx(-5.0) and one.se is None  # only seed 0 has both
+    assert qr.gap(rs, ["a", "b"], "dense-extract 1.0%") is None  # task b measured nothing
+    assert "**within 1 point**" in qr.verdict(rs, ["a"])
+
+
+def test_results_saved_without_seed_take_the_runs(qr, tmp_path: Path) -> None:
+    r = asdict(result(qr, "a", "full", 80, 0))
+    del r["seed"], r["steps"]
+    (tmp_path / "quality.json").write_text(json.dumps(
+        {"args": {"seed": 3, "steps": 250}, "minutes": 1.0, "results": [r]}))
+    (loaded,), args, _, _ = qr.load_results(tmp_path / "quality.json")
+    assert (loaded.seed, loaded.steps) == (3, 250)
