@@ -323,10 +323,10 @@ def _parse_meta(raw: object) -> DeltaMeta:
     if raw.get("format") != FORMAT_NAME:
         raise DeltaRejected(f"metadata 'format' is {raw.get('format')!r}, expected {FORMAT_NAME!r}",
                             "__metadata__")
-    try:
-        version = int(raw.get("format_version", ""))
-    except ValueError:
-        raise DeltaRejected("metadata 'format_version' missing or not an integer", "__metadata__") from None
+    written = raw.get("format_version", "")
+    if not (written.isascii() and written.isdigit()):  # what the writer writes: no sign, space or "_"
+        raise DeltaRejected("metadata 'format_version' missing or not an integer", "__metadata__")
+    version = int(written)
     if version != FORMAT_VERSION:
         raise DeltaRejected(f"format version {version} is not supported (this build reads "
                             f"{FORMAT_VERSION})", "__metadata__")

@@ -252,6 +252,10 @@ def test_a_model_checkpoint_is_not_a_delta(tiny_bert_dir: Path):
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("format", "safetensors", "'format' is 'safetensors'"),
     ("format_version", "one", "format_version' missing or not an integer"),
+    ("format_version", " 1", "format_version' missing or not an integer"),
+    ("format_version", "+1", "format_version' missing or not an integer"),
+    ("format_version", "0_1", "format_version' missing or not an integer"),
+    ("format_version", "\u0661", "format_version' missing or not an integer"),  # Arabic-Indic one
     ("format_version", "2", "format version 2 is not supported"),
     ("kind", "summarize", "malformed metadata: kind"),
     ("labels", "[not json", "malformed metadata"),
