@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-TaskKind = Literal["classify", "regress", "generate", "embed"]
+TaskKind = Literal["classify", "regress", "generate", "embed"]  # what this build's server serves
 MAX_TEXTS = 256
 MAX_TEXT_CHARS = 20_000
 MAX_TOP_LOGPROBS = 20
@@ -28,7 +28,7 @@ class _Response(BaseModel):
 
 class TaskInfo(_Response):
     name: str
-    kind: TaskKind
+    kind: str  # one of TaskKind today; open, so this SDK lists a newer server's tasks of a new kind
     version: int
     labels: list[str] = Field(default_factory=list)
     nnz: int

@@ -419,3 +419,14 @@ def test_the_client_package_never_imports_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_task_info_of_a_kind_this_sdk_does_not_know_still_parses() -> None:
+    """A newer server may serve a kind added after this SDK (as regress was): its task list must
+    still parse, like any other field the SDK does not know."""
+    from taskdelta.client.types import TaskInfo
+
+    info = TaskInfo.model_validate({"name": "t", "kind": "rerank", "version": 1, "nnz": 1, "density": 0.1,
+                                    "bytes": 8, "sha256": "ab", "base_fingerprint": "sha256:x",
+                                    "created_at": 0.0, "new_field": 1})
+    assert info.kind == "rerank"
