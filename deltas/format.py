@@ -346,10 +346,16 @@ def _parse_meta(raw: object) -> DeltaMeta:
 
 def _strict_json(text: str) -> Any:
     """JSON without NaN or Infinity (Python's json reads them; they are not JSON, and the server
-    would hand them back to clients whose parsers refuse them)."""
+    would hand them back to clients whose parsers refuse them), nor numbers past a double's range
+    (1e400 reads as inf and would be handed back as null)."""
     def refuse(constant: str) -> None:
         raise ValueError(f"{constant} is not a JSON value")
-    return json.loads(text, parse_constant=refuse)
+
+    def finite(number: str) -> float:
+        if math.isinf(value := float(number)):
+            raise ValueError(f"{number[:40]} is beyond a double's range")
+        return value
+    return json.loads(text, parse_constant=refuse, parse_float=finite)
 
 
 def _is_idx(key: str) -> bool:

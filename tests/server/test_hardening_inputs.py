@@ -93,6 +93,8 @@ NESTED = "[" * 100_000 + "]" * 100_000
     ("Infinity in provenance", {"provenance": '{"method": "x", "density": 0.1, "z": Infinity}'},
      ("malformed metadata", "Infinity is not a JSON value")),
     ("NaN in labels", {"labels": '["a", NaN, "c"]'}, ("malformed metadata", "NaN")),
+    ("a number past a double's range", {"provenance": '{"method": "x", "density": 0.1, "z": 1e400}'},
+     ("malformed metadata", "1e400 is beyond a double's range")),  # read as inf, listed as null
     ("a 1 MB provenance", {"provenance": json.dumps({"method": "x", "density": 0.1,
                                                      "k": ["y" * 100] * 10_000})},
      ("malformed metadata", "over the limit of 65536")),
