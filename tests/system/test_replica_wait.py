@@ -120,6 +120,17 @@ def test_replica_waits_are_refused_where_they_cannot_hold():
         RedisStore("redis://127.0.0.1:1", wait_replicas=1, wait_timeout_s=5.0)
 
 
+async def test_replica_waits_with_the_embedded_redis_stop_the_server_at_start(tiny_bert, tmp_path):
+    """The embedded Redis has no replicas: asking to wait for one is a startup error that says so,
+    not a server whose every upload is a 503 (and no embedded Redis is left running)."""
+    s = settings_for(None, tmp_path, redis_wait_replicas=1, redis_wait_timeout_s=2.0)
+    app = create_app(s, base=tiny_bert)
+    with pytest.raises(ValueError, match="needs TASKDELTA_REDIS_URL: the embedded Redis has no replicas"):
+        async with app.router.lifespan_context(app):
+            pass
+    assert not any((tmp_path / "data").glob("**/*.aof*"))
+
+
 async def test_the_embedded_redis_fsyncs_every_write(tmp_path):
     """The default deployment (no TASKDELTA_REDIS_URL) keeps the compose promise: Redis answers a
     write after its append-only file is fsynced."""
