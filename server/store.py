@@ -15,32 +15,27 @@ import hashlib
 import json
 import logging
 import math
-import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError, RedisClusterException, RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from .errors import (
     NotReplicated,
-    QuotaExceeded,
-    ServerError,
     StoreUnavailable,
     TaskNotFound,
     VersionConflict,
 )
 from .keys import Keys
+from .redis_client import CLUSTER_SCHEMES, connect, unavailable
+from .store_scripts import DELETE, SWITCH, PutRequest, opt
 
 log = logging.getLogger("taskdelta.store")
 _READ_BATCH_BYTES = 64 * 1024 * 1024  # one MGET asks for about this much
 _WRITE_PIECE_BYTES = 1024 * 1024  # one SET or APPEND of a chunk carries at most this much
 _WRITE_BATCH_BYTES = 2 * 1024 * 1024  # one pipeline of them carries about this much
-_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
 @dataclass(frozen=True)
@@ -75,113 +70,6 @@ class DeltaStore(Protocol):
     def changes(self) -> AsyncIterator[Change]: ...
 
 
-# KEYS: meta, tasks, usage, the new version's chunks (n_new), the old version's chunks.
-# ARGV: name, version, if_match, max_tasks, max_bytes, size, n_new, expected current version,
-#       check_only, channel, change message, grace (ms), then the new metadata's field/value
-#       pairs. '' stands for "none". Returns {status, detail}; a refusal deletes the new chunks.
-# The old version's chunks are deleted, or left to expire after the grace for readers still
-# reading them.
-_SWITCH = """
-local meta, tasks, usage = KEYS[1], KEYS[2], KEYS[3]
-local name, version, if_match = ARGV[1], ARGV[2], ARGV[3]
-local max_tasks, max_bytes, size = ARGV[4], ARGV[5], tonumber(ARGV[6])
-local n_new, expected, check_only = tonumber(ARGV[7]), ARGV[8], ARGV[9] == '1'
-local function refuse(status, detail)
-  for i = 4, 3 + n_new do redis.call('DEL', KEYS[i]) end
-  return {status, detail}
-end
-local cur = redis.call('HGET', meta, 'version')
-if not check_only and cur == version then return {'ok', 'applied before'} end
-if if_match ~= '' and cur ~= if_match then return refuse('conflict', cur or '') end
-if not check_only and cur and tonumber(cur) > tonumber(version) then
-  return refuse('superseded', cur)
-end
-if not check_only and (cur or '') ~= expected then return {'moved', cur or ''} end
-local old_size = 0
-if cur then old_size = tonumber(redis.call('HGET', meta, 'bytes') or '0') end
-if not cur and max_tasks ~= '' then
-  local n = redis.call('SCARD', tasks)
-  if n + 1 > tonumber(max_tasks) then return refuse('quota_tasks', tostring(n)) end
-end
-local after = tonumber(redis.call('HGET', usage, 'bytes') or '0') - old_size + size
-if max_bytes ~= '' and after > tonumber(max_bytes) then
-  return refuse('quota_bytes', tostring(after))
-end
-if check_only then return {'ok', ''} end
-for i = 4, 3 + n_new do
-  if redis.call('EXISTS', KEYS[i]) == 0 then return refuse('expired', '') end
-  redis.call('PERSIST', KEYS[i])
-end
-local fields = {}
-for i = 13, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('DEL', meta)
-redis.call('HSET', meta, unpack(fields))
-redis.call('SADD', tasks, name)
-redis.call('HINCRBY', usage, 'bytes', size - old_size)
-local grace = tonumber(ARGV[12])
-for i = 4 + n_new, #KEYS do
-  if grace > 0 then redis.call('PEXPIRE', KEYS[i], grace) else redis.call('DEL', KEYS[i]) end
-end
-redis.call('PUBLISH', ARGV[10], ARGV[11])
-return {'ok', cur or ''}
-"""
-
-# KEYS: meta, tasks, usage, the expected version's chunks.
-# ARGV: name, if_match, expected current version, channel, change message.
-_DELETE = """
-local cur = redis.call('HGET', KEYS[1], 'version')
-if not cur then return {'missing', ''} end
-if ARGV[2] ~= '' and cur ~= ARGV[2] then return {'conflict', cur} end
-if cur ~= ARGV[3] then return {'moved', cur} end
-local size = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
-redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('HINCRBY', KEYS[3], 'bytes', -size)
-for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
-return {'ok', cur}
-"""
-
-
-@contextlib.contextmanager
-def _unavailable(doing: str) -> Iterator[None]:
-    """Turn any Redis connection, timeout or server error into StoreUnavailable."""
-    try:
-        yield
-    except (RedisError, RedisClusterException, OSError) as e:
-        # The client sees what failed, never the driver's text (it names socket paths, hosts,
-        # ports); the log keeps it.
-        log.warning("Redis failed while %s: %r", doing, e)
-        raise StoreUnavailable(f"the task store (Redis) failed while {doing}") from e
-
-
-def connect(url: str, socket_timeout_s: float = 5.0,
-            connect_timeout_s: float = 2.0) -> aioredis.Redis | RedisCluster:
-    """A client for one Redis (redis://, rediss://, unix://) or for a Redis Cluster
-    (redis+cluster://, rediss+cluster://; seed nodes comma-separated, the rest are discovered).
-
-    One immediate retry on a broken connection (a pooled socket Redis closed when it restarted;
-    in a cluster, a node that failed over), none on a timeout: a hung Redis fails within one
-    socket timeout. The store's scripts are safe to repeat (a switch already applied answers ok).
-    """
-    options = {"socket_timeout": socket_timeout_s, "socket_connect_timeout": connect_timeout_s,
-               "retry": Retry(NoBackoff(), 1, supported_errors=(ConnectionError,))}
-    scheme, _, rest = url.partition("://")
-    if scheme not in _CLUSTER_SCHEMES:
-        return aioredis.Redis.from_url(url, **options)
-    userinfo, at, location = rest.rpartition("@")
-    hosts = re.split(r"[/?]", location, maxsplit=1)[0]
-    first, *others = hosts.split(",")
-    seeds = [ClusterNode(host, int(port or 6379))
-             for host, _, port in (seed.rpartition(":") for seed in others)]
-    plain = f"{_CLUSTER_SCHEMES[scheme]}://{userinfo}{at}{first}{location[len(hosts):]}"
-    return RedisCluster.from_url(plain, startup_nodes=seeds, **options)
-
-
-def _opt(value: int | None) -> str:
-    return "" if value is None else str(value)
-
-
 def _change_message(tenant: str, name: str, version: int | None) -> str:
     return json.dumps({"tenant": tenant, "name": name, "version": version})
 
@@ -210,37 +98,6 @@ def _blob_fields(info: dict[str, str], blob: bytes) -> dict[str, str]:
     return {**info, "sha256": digest, "bytes": size}
 
 
-@dataclass(frozen=True)
-class _PutRequest:
-    tenant: str
-    name: str
-    size: int
-    if_match: int | None
-    max_tasks: int | None
-    max_bytes: int | None
-
-    def refusal(self, status: str, detail: str) -> ServerError | None:
-        """The error a switch script status means, None for success."""
-        if status == "conflict":
-            if not detail:
-                return VersionConflict(f"task {self.name!r} does not exist "
-                                       f"(if_match={self.if_match})")
-            return VersionConflict(f"task {self.name!r} is at version {detail}, "
-                                   f"not {self.if_match}")
-        if status == "quota_tasks":
-            return QuotaExceeded(f"tenant {self.tenant!r} already has {detail} tasks, "
-                                 f"the limit is {self.max_tasks}")
-        if status == "quota_bytes":
-            return QuotaExceeded(f"storing {self.size} bytes would bring tenant {self.tenant!r} "
-                                 f"to {detail} bytes, the limit is {self.max_bytes}")
-        if status == "expired":
-            return StoreUnavailable(f"the upload of task {self.name!r} took too long; "
-                                    "its chunks expired before it could be committed")
-        if status == "moved":
-            return StoreUnavailable(f"task {self.name!r} kept changing during the upload")
-        return None  # ok, or superseded: a concurrent newer put won (last writer wins)
-
-
 class RedisStore:
     """DeltaStore over redis.asyncio; `url` may be redis://, rediss://, unix:// or, for a
     Redis Cluster, redis+cluster:// or rediss+cluster:// (see `connect`). In a cluster every key
@@ -254,7 +111,7 @@ class RedisStore:
                  wait_replicas: int = 0, wait_timeout_s: float = 2.0) -> None:
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be positive")
-        if wait_replicas and url.partition("://")[0] in _CLUSTER_SCHEMES:
+        if wait_replicas and url.partition("://")[0] in CLUSTER_SCHEMES:
             raise ValueError("waiting for replicas (TASKDELTA_REDIS_WAIT_REPLICAS) needs one Redis "
                              "primary, not a Redis Cluster URL")
         if wait_replicas and not 0 < wait_timeout_s < socket_timeout_s:
@@ -272,8 +129,8 @@ class RedisStore:
         self._attempts = attempts  # retries when a task changes under a read or a switch
         self._durability_checked = False
         self._redis = connect(url, socket_timeout_s, connect_timeout_s)
-        self._switch = self._redis.register_script(_SWITCH)
-        self._delete = self._redis.register_script(_DELETE)
+        self._switch = self._redis.register_script(SWITCH)
+        self._delete = self._redis.register_script(DELETE)
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -285,8 +142,8 @@ class RedisStore:
         without if_match, the one with the higher version wins, whatever order they finish in."""
         fields = _blob_fields(info, blob)
         await self._warn_if_not_durable()
-        req = _PutRequest(tenant, name, len(blob), if_match, max_tasks, max_bytes)
-        with _unavailable(f"storing task {name!r}"):
+        req = PutRequest(tenant, name, len(blob), if_match, max_tasks, max_bytes)
+        with unavailable(f"storing task {name!r}"):
             await self._redis.sadd(self.keys.tenants(), tenant)
             # Refuse before uploading what the switch would refuse anyway.
             status, detail = await self._run_switch(req, fields, 0, [], None, check_only=True)
@@ -302,7 +159,7 @@ class RedisStore:
             await self._wait_for_replicas(req, version)
         return StoredTask(tenant, name, version, fields)
 
-    async def _wait_for_replicas(self, req: _PutRequest, version: int) -> None:
+    async def _wait_for_replicas(self, req: PutRequest, version: int) -> None:
         """Return once `wait_replicas` replicas have received everything up to the commit, else
         raise NotReplicated (the commit stands on the primary: the error says so).
 
@@ -311,7 +168,7 @@ class RedisStore:
         changes nothing (HINCRBY by 0 on the tenant's usage) goes first on the same connection:
         a replica that has it has every earlier write, the commit included."""
         timeout_ms = max(1, round(self._wait_timeout_s * 1000))
-        with _unavailable(f"waiting for Redis replicas of task {req.name!r}"):
+        with unavailable(f"waiting for Redis replicas of task {req.name!r}"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.hincrby(self.keys.usage(req.tenant), "bytes", 0)
                 pipe.wait(self._wait_replicas, timeout_ms)
@@ -352,7 +209,7 @@ class RedisStore:
             for at in range(0, max(1, len(chunk)), _WRITE_PIECE_BYTES):
                 yield key, at == 0, chunk[at:at + _WRITE_PIECE_BYTES]
 
-    async def _commit(self, req: _PutRequest, fields: dict[str, str], version: int,
+    async def _commit(self, req: PutRequest, fields: dict[str, str], version: int,
                       chunk_keys: list[str]) -> tuple[str, str]:
         """Switch the task to `version`; re-read the old version if another put moved it."""
         status, detail = "moved", ""
@@ -364,16 +221,16 @@ class RedisStore:
         await self._redis.delete(*chunk_keys)
         return status, detail
 
-    async def _run_switch(self, req: _PutRequest, fields: dict[str, str], version: int,
+    async def _run_switch(self, req: PutRequest, fields: dict[str, str], version: int,
                           chunk_keys: list[str], current: tuple[int, int] | None,
                           check_only: bool = False) -> tuple[str, str]:
         k = self.keys
         old_keys = [] if current is None else k.chunks(req.tenant, req.name, *current)
         keys = [k.meta(req.tenant, req.name), k.tasks(req.tenant), k.usage(req.tenant),
                 *chunk_keys, *old_keys]
-        args = [req.name, version, _opt(req.if_match), _opt(req.max_tasks),
-                _opt(req.max_bytes), req.size, len(chunk_keys),
-                _opt(None if current is None else current[0]), "1" if check_only else "0",
+        args = [req.name, version, opt(req.if_match), opt(req.max_tasks),
+                opt(req.max_bytes), req.size, len(chunk_keys),
+                opt(None if current is None else current[0]), "1" if check_only else "0",
                 k.channel(), _change_message(req.tenant, req.name, version), self._grace_ms,
                 *(x for pair in fields.items() for x in pair)]
         status, detail = await self._switch(keys=keys, args=args)
@@ -381,14 +238,14 @@ class RedisStore:
 
     async def delete(self, tenant: str, name: str, if_match: int | None = None) -> None:
         k = self.keys
-        with _unavailable(f"deleting task {name!r}"):
+        with unavailable(f"deleting task {name!r}"):
             for _ in range(self._attempts):
                 current = await self._current(tenant, name)
                 if current is None:
                     raise TaskNotFound(f"task {name!r} not found")
                 keys = [k.meta(tenant, name), k.tasks(tenant), k.usage(tenant),
                         *k.chunks(tenant, name, *current)]
-                args = [name, _opt(if_match), current[0], k.channel(),
+                args = [name, opt(if_match), current[0], k.channel(),
                         _change_message(tenant, name, None)]
                 status, detail = (x.decode() for x in await self._delete(keys=keys, args=args))
                 if status == "ok":
@@ -414,14 +271,14 @@ class RedisStore:
         return _task_from_meta(tenant, name, raw)
 
     async def get(self, tenant: str, name: str) -> StoredTask:
-        with _unavailable(f"reading task {name!r}"):
+        with unavailable(f"reading task {name!r}"):
             return await self._read_meta(tenant, name)
 
     async def get_blob(self, tenant: str, name: str,
                        version: int | None = None) -> tuple[StoredTask, bytes]:
         """The current version and its blob, checked against its sha256. With `version`,
         VersionConflict unless that is still the current one."""
-        with _unavailable(f"reading task {name!r}"):
+        with unavailable(f"reading task {name!r}"):
             for _ in range(self._attempts):
                 task = await self._read_meta(tenant, name)
                 if version is not None and task.version != version:
@@ -450,7 +307,7 @@ class RedisStore:
         return b"".join(parts)
 
     async def list(self, tenant: str) -> list[StoredTask]:
-        with _unavailable(f"listing the tasks of tenant {tenant!r}"):
+        with unavailable(f"listing the tasks of tenant {tenant!r}"):
             names = sorted(n.decode() for n in await self._redis.smembers(self.keys.tasks(tenant)))
             async with self._redis.pipeline(transaction=False) as pipe:
                 for name in names:
@@ -460,18 +317,18 @@ class RedisStore:
         return [_task_from_meta(tenant, n, raw) for n, raw in zip(names, metas, strict=True) if raw]
 
     async def list_all(self) -> list[StoredTask]:
-        with _unavailable("listing tenants"):
+        with unavailable("listing tenants"):
             tenants = sorted(t.decode() for t in await self._redis.smembers(self.keys.tenants()))
         return [task for tenant in tenants for task in await self.list(tenant)]
 
     async def current_version(self, tenant: str, name: str) -> int | None:
-        with _unavailable(f"reading the version of task {name!r}"):
+        with unavailable(f"reading the version of task {name!r}"):
             version = await self._redis.hget(self.keys.meta(tenant, name), "version")
         return None if version is None else int(version)
 
     async def usage(self, tenant: str) -> tuple[int, int]:
         """(number of tasks, total blob bytes) of the tenant."""
-        with _unavailable(f"reading the usage of tenant {tenant!r}"):
+        with unavailable(f"reading the usage of tenant {tenant!r}"):
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.scard(self.keys.tasks(tenant))
                 pipe.hget(self.keys.usage(tenant), "bytes")
@@ -490,11 +347,11 @@ class RedisStore:
         if isinstance(self._redis, RedisCluster):
             # the cluster's pub/sub picks its node from the slot map, which a client that has
             # sent nothing yet has not loaded (it would fail with a KeyError)
-            with _unavailable("reading the cluster's slot map"):
+            with unavailable("reading the cluster's slot map"):
                 await self._redis.initialize()
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
-            with _unavailable("listening for task changes"):
+            with unavailable("listening for task changes"):
                 await pubsub.subscribe(self.keys.channel())
                 async for message in pubsub.listen():
                     if change := _parse_change(message["data"]):
