@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import os
 import re
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import redis
@@ -378,3 +381,14 @@ def assert_one_line_error(result, *parts: str, code: int = 1, regex: bool = Fals
     for part in parts:
         assert (re.search(part, lines[0]) if regex else part in lines[0]), (part, lines[0])
     return lines[0]
+
+
+def bench_module(name: str) -> ModuleType:
+    """bench/<name>.py imported by path (bench/ is scripts, not a package), registered in
+    sys.modules so its dataclasses resolve their annotations."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench"
+                                                  / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -6,27 +6,17 @@ PEFT's own count and the matched rank is the nearest; the match metrics count wh
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from support import assert_bit_identical, merged_copy, snapshot
+from support import assert_bit_identical, bench_module, merged_copy, snapshot
 
 from taskdelta.deltas import dumps, loads, random_delta
 from taskdelta.deltas.data import Instruction, causal_features
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def qlm():
-    spec = importlib.util.spec_from_file_location("quality_lm", ROOT / "bench" / "quality_lm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quality_lm"] = module  # its dataclass resolves annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("quality_lm")
 
 
 @pytest.fixture(scope="module")

@@ -4,25 +4,18 @@ saved before results carried their seed takes it from the run's arguments."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from support import bench_module
 
 
 @pytest.fixture(scope="module")
 def qr():
-    spec = importlib.util.spec_from_file_location("quality_report", ROOT / "bench" / "quality_report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quality_report"] = module  # its dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("quality_report")
 
 
 def result(qr, task: str, method: str, score: float, seed: int, target: float = 0.01):
