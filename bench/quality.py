@@ -1,14 +1,16 @@
 """Quality of sparse deltas against full fine-tuning, measured through the serving path.
 
-For each task (a TSV in ../shared/data) and the `minilm` base: full fine-tuning; sparse training at
-each density with the grad and fisher masks; extraction of the top 1 % of the full fine-tune, with
-and without refit. Every model is scored on the same seeded validation split carved from the
-training file, through the serving path: the delta's bytes are parsed and validated, `prepare`d,
-swapped into the base in place by `Swapper`, and run by the server's `classify()` (full
-fine-tuning too, as a dense delta of every changed entry). Writes docs/quality.md, docs/quality.json
-and docs/quality.png.
+For each task (a TSV in ../shared/data) and the `minilm` base: full fine-tuning; PEFT LoRA at the
+rank matching a 1 % delta's entries; `taskdelta delta train`'s default recipe (dense-extract) at each
+density, and with block masks; sparse training from scratch (grad and fisher masks); extraction of
+the top 1 % of the full fine-tune, with and without refit. Every model is scored on the same seeded
+validation split carved from the training file, through the serving path: the delta's bytes are
+parsed and validated, `prepare`d, swapped into the base in place by `Swapper`, and run by the
+server's `classify()` (`score()` for a regress task such as STS-B; full fine-tuning and LoRA too,
+as a dense delta of every changed entry). Writes quality.md, quality.json and quality.png in --out.
 
-    python bench/quality.py                                # the documented table (~30-60 min, 2 cores)
+    bench/quality_table.sh                                 # the documented table: its runs, merged (~2 h)
+    python bench/quality.py --tasks sst2 --seed 1 --out /tmp/q      # one task, one seed, every method
     python bench/quality.py --tasks sst2 --steps 40 --val-size 200 --out /tmp/q   # a quick look
     python bench/quality.py --report-only                  # re-render docs/ from docs/quality.json
 """
