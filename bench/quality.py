@@ -326,7 +326,8 @@ def merge(dirs: list[Path], out: Path) -> None:
     (e.g. --densities 0.01 and --methods sparse --densities 0.005,0.001), or other seeds and step
     counts (cells are then means over seeds). Its time is the runs' total."""
     runs = [load_results(d / "quality.json") for d in dirs]
-    free = ("tasks", "out", "threads", "methods", "densities", "masks", "blocks", "seed", "steps")
+    free = ("tasks", "out", "threads", "methods", "densities", "masks", "blocks", "seed", "steps", "lora_lr",
+            "lora_lrs")
     same = [k for k in runs[0][1] if k not in free]
     for d, (_, saved, _, _) in zip(dirs[1:], runs[1:], strict=True):
         if differ := [k for k in same if saved.get(k) != runs[0][1][k]]:
@@ -345,6 +346,8 @@ def merge(dirs: list[Path], out: Path) -> None:
     command = (" & ".join(c for _, _, _, c in runs) + "  # side by side" if len(runs) <= 3 else
                f"{len(runs)} runs of bench/quality.py merged with --merge (their commands: quality.json)")
     args.commands = [c for _, _, _, c in runs]
+    args.lora_lrs = {n: saved["lora_lr"] for _, saved, _, _ in runs if "lora" in saved["methods"]
+                     for n in saved["tasks"].split(",")}  # LoRA's lr per task, where it ran
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, results, args, names, minutes, command)
     log(f"wrote {out}/quality.md, quality.json, quality.png from {len(dirs)} runs")

@@ -337,7 +337,7 @@ seed (a method minus full fine-tuning on the same split), then averaged over tas
   {args.head_lr:g}). `blocks of 16`: the same with the mask chosen in runs of 16 along a row.
 - `PEFT LoRA`: peft's LoRA on every linear of the encoder and the pooler, rank chosen so its trainable
   entries come closest to a {args.extract_density:.0%} delta's, alpha = 2 x rank, lr
-  {getattr(args, "lora_lr", 5e-4):g}, the head trained beside it; scored merged, as a dense delta.
+  {lora_lr(args)}, the head trained beside it; scored merged, as a dense delta.
 - `extract` = top {args.extract_density:.0%} of |full - base| over all tensors, of the full
   fine-tune in the first column; `extract+refit` then trains those entries (mask fixed) and the head
   for the same number of steps at {args.refit_lr:g} (twice the compute of the others).
@@ -380,6 +380,16 @@ def _cell(results: list[Result], name: str, col: str) -> str:
     r = next(r for r in results if r.task == name and r.column == col)
     size = _mb(r.bytes) + (f" / {_mb(r.bytes_compact)}" if r.bytes_compact else "")
     return f"{s} <sub>{size}</sub>"
+
+
+def lora_lr(args: argparse.Namespace) -> str:
+    """LoRA's learning rate: one, or the most common one and the tasks that ran at another."""
+    by_task = getattr(args, "lora_lrs", None) or {}
+    if len(set(by_task.values())) < 2:
+        return f"{getattr(args, 'lora_lr', 5e-4):g}"
+    common = max(set(by_task.values()), key=list(by_task.values()).count)
+    others = ", ".join(f"{t}: {lr:g}" for t, lr in by_task.items() if lr != common)
+    return f"{common:g} ({others})"
 
 
 def probe_note(args: argparse.Namespace) -> str:

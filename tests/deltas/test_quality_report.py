@@ -62,3 +62,12 @@ def test_results_saved_without_seed_take_the_runs(qr, tmp_path: Path) -> None:
         {"args": {"seed": 3, "steps": 250}, "minutes": 1.0, "results": [r]}))
     (loaded,), args, _, _ = qr.load_results(tmp_path / "quality.json")
     assert (loaded.seed, loaded.steps) == (3, 250)
+
+
+def test_lora_lr_names_the_tasks_that_ran_at_another(qr) -> None:
+    import argparse
+
+    one = argparse.Namespace(lora_lr=2e-3, lora_lrs={"sst2": 2e-3, "qnli": 2e-3})
+    assert qr.lora_lr(one) == "0.002"
+    mixed = argparse.Namespace(lora_lr=2e-3, lora_lrs={"sst2": 2e-3, "qnli": 2e-3, "stsb": 5e-4})
+    assert qr.lora_lr(mixed) == "0.002 (stsb: 0.0005)"
