@@ -71,3 +71,10 @@ def test_lora_lr_names_the_tasks_that_ran_at_another(qr) -> None:
     assert qr.lora_lr(one) == "0.002"
     mixed = argparse.Namespace(lora_lr=2e-3, lora_lrs={"sst2": 2e-3, "qnli": 2e-3, "stsb": 5e-4})
     assert qr.lora_lr(mixed) == "0.002 (stsb: 0.0005)"
+
+
+def test_a_task_where_full_fine_tuning_is_not_clearly_past_chance_is_set_apart(qr) -> None:
+    rs = [result(qr, "a", "full", 9.5, 0), result(qr, "a", "full", 0.0, 1),  # 4.75 ± 4.75 over 0
+          result(qr, "b", "full", 80.0, 0), result(qr, "b", "full", 84.0, 1),
+          result(qr, "c", "full", 50.5, 0)]
+    assert qr.uninformative(rs, {"a": 0.0, "b": 50.0, "c": 50.0}) == ["a", "c"]
