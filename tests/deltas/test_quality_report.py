@@ -76,5 +76,6 @@ def test_lora_lr_names_the_tasks_that_ran_at_another(qr) -> None:
 def test_a_task_where_full_fine_tuning_is_not_clearly_past_chance_is_set_apart(qr) -> None:
     rs = [result(qr, "a", "full", 9.5, 0), result(qr, "a", "full", 0.0, 1),  # 4.75 ± 4.75 over 0
           result(qr, "b", "full", 80.0, 0), result(qr, "b", "full", 84.0, 1),
-          result(qr, "c", "full", 50.5, 0)]
-    assert qr.uninformative(rs, {"a": 0.0, "b": 50.0, "c": 50.0}) == ["a", "c"]
+          result(qr, "c", "full", 50.5, 0), result(qr, "c", "full", 50.3, 1),
+          result(qr, "d", "full", 70.0, 0)]  # one seed: no error to judge it by
+    assert qr.uninformative(rs, {"a": 0.0, "b": 50.0, "c": 50.0, "d": 50.0}) == ["a", "c", "d"]
