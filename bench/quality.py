@@ -344,7 +344,8 @@ def merge(dirs: list[Path], out: Path) -> None:
                                  "masks": masks, "seed": min(r.seed for r in results)})
     minutes = sum(m for _, _, m, _ in runs)
     command = (" & ".join(c for _, _, _, c in runs) + "  # side by side" if len(runs) <= 3 else
-               f"{len(runs)} runs of bench/quality.py merged with --merge (their commands: quality.json)")
+               f"{len(runs)} runs of bench/quality.py, as bench/quality_table.sh runs them, merged with "
+               "--merge (their commands: quality.json)")
     args.commands = [c for _, _, _, c in runs]
     args.lora_lrs = {n: saved["lora_lr"] for _, saved, _, _ in runs if "lora" in saved["methods"]
                      for n in saved["tasks"].split(",")}  # LoRA's lr per task, where it ran
