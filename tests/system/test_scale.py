@@ -91,10 +91,15 @@ def test_scale_topology_sticky_consistent_and_surviving_a_replica_kill(
     victim_task = names[0]
     victim = replicas[by_addr[home[victim_task]]]
     survivor = next(r for r in replicas.values() if r is not victim)
-    statuses, served_after = asyncio.run(_load_with_kill(lb.url, victim_task, victim))
-    # SIGKILL cuts requests in flight on the victim; nginx retries them (and every later one)
-    # on the survivor, so not one request fails, in flight or not
-    assert statuses == Counter({200: sum(statuses.values())}), statuses
+    statuses, served_after, failed_after = asyncio.run(_load_with_kill(lb.url, victim_task, victim))
+    # SIGKILL cuts requests in flight on the victim; nginx retries them on the survivor, so no
+    # request gets an error status. Only an answer that had begun to reach the client when the
+    # kill landed cannot be retried (nginx relays unbuffered): its connection is cut, at most one
+    # per client. Every request sent after the kill is answered, by the survivor.
+    assert {k for k in statuses if isinstance(k, int)} == {200}, statuses
+    cut = {k: n for k, n in statuses.items() if not isinstance(k, int)}
+    assert set(cut) <= {"RemoteProtocolError", "ReadError"} and sum(cut.values()) <= 4, statuses
+    assert not failed_after, failed_after
     assert served_after and all(u.split(", ")[-1] == survivor.addr for u in served_after)
 
 
@@ -118,12 +123,14 @@ def _check_changes_reach_the_other_replica(tiny_bert, a: ServerProcess, b: Serve
 
 async def _load_with_kill(url: str, task: str, victim: ServerProcess,
                           workers: int = 4, before: int = 40,
-                          after: int = 60) -> tuple[Counter, list[str]]:
+                          after: int = 60) -> tuple[Counter, list[str], list[str]]:
     """Requests for `task` from `workers` concurrent clients through nginx; SIGKILL `victim`
-    once `before` have been answered, stop `after` answers later. Statuses of all, and the
-    upstreams of the answers to requests sent after the kill."""
+    once `before` have been answered, stop `after` answers later. Statuses of all (an exception's
+    name where no answer came), the upstreams of the answers to requests sent after the kill, and
+    what went wrong with those sent after it."""
     statuses: Counter = Counter()
     served_after: list[str] = []
+    failed_after: list[str] = []
     killed_at: list[int] = []
     deadline = time.monotonic() + 120
 
@@ -136,10 +143,13 @@ async def _load_with_kill(url: str, task: str, victim: ServerProcess,
             try:
                 r = await client.post(f"/v1/tasks/{task}/classify", json={"texts": ["hello"]})
                 statuses[r.status_code] += 1
-                if sent_after_kill and r.status_code == 200:
-                    served_after.append(r.headers[UPSTREAM])
+                if sent_after_kill:
+                    (served_after if r.status_code == 200 else failed_after).append(
+                        r.headers.get(UPSTREAM, "") if r.status_code == 200 else str(r.status_code))
             except httpx.HTTPError as exc:
                 statuses[type(exc).__name__] += 1
+                if sent_after_kill:
+                    failed_after.append(type(exc).__name__)
 
     async def killer() -> None:
         while sum(statuses.values()) < before:
@@ -151,7 +161,7 @@ async def _load_with_kill(url: str, task: str, victim: ServerProcess,
     async with httpx.AsyncClient(base_url=url, headers=KEY, timeout=60) as client:
         await asyncio.gather(killer(), *(worker(client) for _ in range(workers)))
     assert killed_at and sum(statuses.values()) >= killed_at[0] + after, "load stopped early"
-    return statuses, served_after
+    return statuses, served_after, failed_after
 
 
 def test_replica_that_hears_no_change_messages_is_stale_at_most_version_check_s(
