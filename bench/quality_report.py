@@ -108,9 +108,9 @@ STS-B; CoLA is set apart because full fine-tuning barely left the majority class
 (MCC 9.5 on seed 0, 0.0 on seed 1), RTE because it is at chance (and ran one seed).
 
 - **The goal is not met.** `taskdelta delta train` at 1 % (its default recipe, dense-extract) is
-  **-3.72 ± 0.27** points behind full fine-tuning on the goal's average (differences paired by
-  seed), and **-2.52 ± 0.34** points below PEFT LoRA at the matched size (rank 5 on every linear,
-  ~211 k trainable entries against the delta's ~227 k), which is itself -1.20 ± 0.41 behind full.
+  **3.72 ± 0.27** points behind full fine-tuning on the goal's average (differences paired by
+  seed), and **2.52 ± 0.34** points below PEFT LoRA at the matched size (rank 5 on every linear,
+  ~211 k trainable entries against the delta's ~227 k), which is itself 1.20 ± 0.41 behind full.
   Per task (1 %, mean of two seeds): SST-2 85.2 vs full 87.7 / LoRA 86.4; QNLI 73.6 vs 81.1 / 80.1;
   TREC 86.6 vs 91.7 / 90.4; MRPC 69.0 vs 72.3 / 71.7; AG News 88.5 vs 89.8 / 89.2; STS-B Pearson
   80.4 vs 83.0 / 80.6. Its worst tasks are the ones with the fewest steps per class and the longest
