@@ -206,9 +206,10 @@ def combine(stats: list[Stat]) -> Stat:
     return Stat(sum(s.mean for s in stats) / len(stats), se, min(s.n for s in stats))
 
 
-def cell(results: list[Result], task: str, col: str) -> Stat | None:
-    """The (task, column) score over the seeds measured."""
-    got = [r.score for r in results if r.task == task and r.column == col]
+def cell(results: list[Result], task: str, col: str, field: str = "score") -> Stat | None:
+    """The (task, column) score (or another field: a regress task's Spearman is `accuracy`) over
+    the seeds measured."""
+    got = [getattr(r, field) for r in results if r.task == task and r.column == col]
     return stat(got) if got else None
 
 
@@ -310,8 +311,7 @@ def write_report(out: Path, results: list[Result], args: argparse.Namespace, nam
                     + " | ".join(_cell(results, name, c) for c in cols) + " |")
         if TASKS[name].metric == "pearson":  # its second metric, not averaged
             rows.append(f"| {name} (spearman, not averaged) | - | " + " | ".join(
-                str(stat(got)) if (got := [r.accuracy for r in results if r.task == name and r.column == c])
-                else "-" for c in cols) + " |")
+                str(s) if (s := cell(results, name, c, "accuracy")) else "-" for c in cols) + " |")
     rows.append(f"| **average** | {sum(baselines.values()) / len(names):.2f} | "
                 + " | ".join(f"**{avg[c]}**" if c in avg else "-" for c in cols) + " |")
     sub_avg = averages(results, informative)
