@@ -143,9 +143,10 @@ async def _load_with_kill(url: str, task: str, victim: ServerProcess,
             try:
                 r = await client.post(f"/v1/tasks/{task}/classify", json={"texts": ["hello"]})
                 statuses[r.status_code] += 1
-                if sent_after_kill:
-                    (served_after if r.status_code == 200 else failed_after).append(
-                        r.headers.get(UPSTREAM, "") if r.status_code == 200 else str(r.status_code))
+                if sent_after_kill and r.status_code == 200:
+                    served_after.append(r.headers[UPSTREAM])
+                elif sent_after_kill:
+                    failed_after.append(str(r.status_code))
             except httpx.HTTPError as exc:
                 statuses[type(exc).__name__] += 1
                 if sent_after_kill:
