@@ -319,19 +319,34 @@ def main(argv: list[str] | None = None) -> None:
     log(f"wrote {args.out}/quality.md, quality.json, quality.png in {minutes:.1f} min")
 
 
+MERGE_FREE = ("tasks", "out", "threads", "methods", "densities", "masks", "blocks", "seed", "steps",
+              "lora_lr", "lora_lrs", "commands")  # may differ between merged runs
+METHOD_SETTINGS = {  # settings only these methods read: runs that did not run one may differ there
+    "dense-extract": ("de_lr", "dense_fraction"),
+    "extract": ("refit_lr", "refit_head_lr"),
+    "sparse": ("sparse_lr", "mask_batches", "probe_epochs", "probe_lr", "exclude"),
+}
+
+
+def _unused(key: str, methods: list[str]) -> bool:
+    """Whether a run of `methods` never read setting `key`."""
+    return any(key in keys and method not in methods for method, keys in METHOD_SETTINGS.items())
 
 
 def merge(dirs: list[Path], out: Path) -> None:
     """One report from runs made side by side: disjoint tasks, the same tasks with disjoint columns
     (e.g. --densities 0.01 and --methods sparse --densities 0.005,0.001), or other seeds and step
-    counts (cells are then means over seeds). Its time is the runs' total."""
+    counts (cells are then means over seeds). Settings a run's methods never read (`METHOD_SETTINGS`,
+    e.g. --de-lr in a run without dense-extract) may differ. Its time is the runs' total."""
     runs = [load_results(d / "quality.json") for d in dirs]
-    free = ("tasks", "out", "threads", "methods", "densities", "masks", "blocks", "seed", "steps", "lora_lr",
-            "lora_lrs")
-    same = [k for k in runs[0][1] if k not in free]
-    for d, (_, saved, _, _) in zip(dirs[1:], runs[1:], strict=True):
-        if differ := [k for k in same if saved.get(k) != runs[0][1][k]]:
-            raise SystemExit(f"{d}: not the same settings as {dirs[0]}: {differ}")
+    settings = runs[0][1]  # the shared settings, then each method's from the first run that ran it
+    for method, keys in METHOD_SETTINGS.items():
+        if ran := [saved for _, saved, _, _ in runs if method in saved["methods"]]:
+            settings = {**settings, **{k: ran[0][k] for k in keys if k in ran[0]}}
+    for d, (_, saved, _, _) in zip(dirs, runs, strict=True):
+        if differ := [k for k in settings if k not in MERGE_FREE and not _unused(k, saved["methods"])
+                      and saved.get(k) != settings[k]]:
+            raise SystemExit(f"{d}: not the same settings as the other runs: {differ}")
     results = [r for res, _, _, _ in runs for r in res]
     if len({(r.task, r.column, r.seed) for r in results}) != len(results):
         raise SystemExit("the runs overlap: a (task, column, seed) appears twice")
@@ -340,7 +355,7 @@ def merge(dirs: list[Path], out: Path) -> None:
     results.sort(key=lambda r: names.index(r.task))
     densities = sorted({d for _, saved, _, _ in runs for d in saved["densities"]})
     masks = list(dict.fromkeys(m for _, saved, _, _ in runs for m in saved["masks"]))
-    args = argparse.Namespace(**{**runs[0][1], "tasks": ",".join(names), "out": out, "densities": densities,
+    args = argparse.Namespace(**{**settings, "tasks": ",".join(names), "out": out, "densities": densities,
                                  "masks": masks, "seed": min(r.seed for r in results)})
     minutes = sum(m for _, _, m, _ in runs)
     command = (" & ".join(c for _, _, _, c in runs) + "  # side by side" if len(runs) <= 3 else

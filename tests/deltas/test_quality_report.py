@@ -79,3 +79,30 @@ def test_a_task_where_full_fine_tuning_is_not_clearly_past_chance_is_set_apart(q
           result(qr, "c", "full", 50.5, 0), result(qr, "c", "full", 50.3, 1),
           result(qr, "d", "full", 70.0, 0)]  # one seed: no error to judge it by
     assert qr.uninformative(rs, {"a": 0.0, "b": 50.0, "c": 50.0, "d": 50.0}) == ["a", "c", "d"]
+
+
+def test_merge_compares_only_the_settings_both_runs_read(qr, tmp_path: Path) -> None:
+    # a rerun of the sparse columns at another --de-lr merges with the full / LoRA run it did not change
+    q = bench_module("quality")
+    template = json.loads((Path(__file__).parents[2] / "docs" / "quality.json").read_text())["args"]
+
+    def run(name: str, methods: list[str], rows: list, **settings) -> Path:
+        (tmp_path / name).mkdir()
+        args = {**template, "tasks": "sst2", "methods": methods, **settings}
+        (tmp_path / name / "quality.json").write_text(json.dumps(
+            {"args": args, "minutes": 1.0, "results": [asdict(r) for r in rows]}))
+        return tmp_path / name
+
+    dense = run("full", ["full", "lora"],
+                [result(qr, "sst2", "full", 88, 0), result(qr, "sst2", "lora", 86, 0)], de_lr=1e-3)
+    sparse = run("sparse", ["dense-extract"], [result(qr, "sst2", "dense-extract", 87, 0)], de_lr=3e-3)
+    q.merge([dense, sparse], tmp_path / "out")
+    merged = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert merged["args"]["de_lr"] == 3e-3  # from the run that trained dense-extract
+    assert len(merged["results"]) == 3
+    other = run("other", ["dense-extract"], [result(qr, "sst2", "dense-extract", 85, 1)], de_lr=1e-3)
+    with pytest.raises(SystemExit, match="de_lr"):  # two dense-extract runs at different rates
+        q.merge([dense, sparse, other], tmp_path / "out2")
+    shorter = run("shorter", ["full"], [result(qr, "sst2", "full", 80, 1)], max_length=64)
+    with pytest.raises(SystemExit, match="max_length"):  # a setting every method reads
+        q.merge([dense, sparse, shorter], tmp_path / "out3")
