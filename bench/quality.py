@@ -362,8 +362,9 @@ def merge(dirs: list[Path], out: Path) -> None:
                f"{len(runs)} runs of bench/quality.py, as bench/quality_table.sh runs them, merged with "
                "--merge (their commands: quality.json)")
     args.commands = [c for _, _, _, c in runs]
-    args.lora_lrs = {n: saved["lora_lr"] for _, saved, _, _ in runs if "lora" in saved["methods"]
-                     for n in saved["tasks"].split(",")}  # LoRA's lr per task, where it ran
+    args.lora_lrs = {n: lr for _, saved, _, _ in runs if "lora" in saved["methods"]  # where LoRA ran
+                     for n, lr in saved.get("lora_lrs", dict.fromkeys(saved["tasks"].split(","),
+                                                                      saved["lora_lr"])).items()}
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, results, args, names, minutes, command)
     log(f"wrote {out}/quality.md, quality.json, quality.png from {len(dirs)} runs")

@@ -88,18 +88,20 @@ def test_merge_compares_only_the_settings_both_runs_read(qr, tmp_path: Path) -> 
 
     def run(name: str, methods: list[str], rows: list, **settings) -> Path:
         (tmp_path / name).mkdir()
-        args = {**template, "tasks": "sst2", "methods": methods, **settings}
+        args = {**template, "tasks": "sst2", "methods": methods, "lora_lrs": {}, **settings}
         (tmp_path / name / "quality.json").write_text(json.dumps(
             {"args": args, "minutes": 1.0, "results": [asdict(r) for r in rows]}))
         return tmp_path / name
 
     dense = run("full", ["full", "lora"],
-                [result(qr, "sst2", "full", 88, 0), result(qr, "sst2", "lora", 86, 0)], de_lr=1e-3)
+                [result(qr, "sst2", "full", 88, 0), result(qr, "sst2", "lora", 86, 0)], de_lr=1e-3,
+                lora_lrs={"sst2": 5e-4})
     sparse = run("sparse", ["dense-extract"], [result(qr, "sst2", "dense-extract", 87, 0)], de_lr=3e-3)
     q.merge([dense, sparse], tmp_path / "out")
     merged = json.loads((tmp_path / "out" / "quality.json").read_text())
     assert merged["args"]["de_lr"] == 3e-3  # from the run that trained dense-extract
     assert len(merged["results"]) == 3
+    assert merged["args"]["lora_lrs"] == {"sst2": 5e-4}  # a merged run's own per-task rates, kept
     other = run("other", ["dense-extract"], [result(qr, "sst2", "dense-extract", 85, 1)], de_lr=1e-3)
     with pytest.raises(SystemExit, match="de_lr"):  # two dense-extract runs at different rates
         q.merge([dense, sparse, other], tmp_path / "out2")
