@@ -209,7 +209,7 @@ def run_task(base, name: str, spec: TaskSpec, args: argparse.Namespace, results:
         for block in (None, *args.blocks):
             t = time.perf_counter()
             trained = train_dense_extract(base, kind, data.labels, data.train,
-                                          replace(common, lr=args.de_lr),
+                                          replace(common, lr=args.de_lr, lr_1d=args.de_lr_1d),
                                           DenseExtract(density=density, dense_fraction=args.dense_fraction,
                                                        dense_lr=args.full_lr, block=block))
             method = "dense-extract" if block is None else "dense-extract-block"
@@ -257,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dense-fraction", type=float, default=0.25,
                    help="dense-extract: share of the steps trained densely (at --full-lr)")
     p.add_argument("--de-lr", type=float, default=1e-3, help="dense-extract: the sparse phase's lr")
+    p.add_argument("--de-lr-1d", type=float, default=None, help="dense-extract: the sparse phase's lr "
+                   "in 1-D tensors (biases, norms; default: --de-lr)")
     p.add_argument("--blocks", type=lambda s: [int(x) for x in s.split(",") if x], default=[16],
                    help="dense-extract: also run block masks of these run lengths (at each density)")
     p.add_argument("--lora-lr", type=float, default=5e-4)
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
 MERGE_FREE = ("tasks", "out", "threads", "methods", "densities", "masks", "blocks", "seed", "steps",
               "lora_lr", "lora_lrs", "commands")  # may differ between merged runs
 METHOD_SETTINGS = {  # settings only these methods read: runs that did not run one may differ there
-    "dense-extract": ("de_lr", "dense_fraction"),
+    "dense-extract": ("de_lr", "de_lr_1d", "dense_fraction"),
     "extract": ("refit_lr", "refit_head_lr"),
     "sparse": ("sparse_lr", "mask_batches", "probe_epochs", "probe_lr", "exclude"),
 }

@@ -146,11 +146,15 @@ def block_mask(scores: dict[str, torch.Tensor], density: float, block: int,
 def update_mask(updates: dict[str, torch.Tensor], density: float, always: Sequence[str] = (),
                 block: int | None = None) -> Mask:
     """round(density * entries) largest |update| over all tensors together (zeros never chosen);
-    the tensors named in `always` (e.g. biases and norms) are taken whole, out of the same budget.
-    `block`: runs of that many entries along a row instead of single entries."""
+    the tensors named in `always` (e.g. biases and norms) are taken whole, out of the same budget,
+    while they fill at most half of it (below that density they compete like the rest: a mask
+    never exceeds its budget). `block`: runs of that many entries along a row instead of single
+    entries."""
     _check_density(density)
     total = sum(u.numel() for u in updates.values())
     whole = {n: torch.nonzero(updates[n].reshape(-1)).reshape(-1) for n in always if n in updates}
+    if 2 * sum(int(i.numel()) for i in whole.values()) > round(density * total):
+        whole = {}
     rest = {n: u.detach().abs() for n, u in updates.items() if n not in whole}
     budget = round(density * total) - sum(int(i.numel()) for i in whole.values())
     if budget <= 0 or not rest:

@@ -35,6 +35,7 @@ TRAINABLE_KINDS = ("classify", "regress", "generate")
 @dataclass(frozen=True)
 class TrainConfig:
     lr: float = 2e-3  # the sparse values (SIFT-style sparse training wants a large one); full: 5e-5
+    lr_1d: float | None = None  # sparse values in 1-D tensors (biases, norms); None: lr
     head_lr: float = 1e-3  # the dense, freshly initialised head
     epochs: int = 1
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
@@ -172,7 +173,12 @@ class SparseTaskModel:
     def param_groups(self, cfg: TrainConfig) -> list[dict]:
         matrices = [p for p in self.head.values() if p.dim() > 1]
         others = [p for p in self.head.values() if p.dim() <= 1]
-        groups = [{"params": self.values, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        flat = {id(v) for n, v in zip(self.names, self.values, strict=True) if self.base.params[n].dim() == 1}
+        lr_1d = cfg.lr if cfg.lr_1d is None else cfg.lr_1d
+        groups = [{"params": [v for v in self.values if id(v) not in flat], "lr": cfg.lr,
+                   "weight_decay": cfg.weight_decay},
+                  {"params": [v for v in self.values if id(v) in flat], "lr": lr_1d,
+                   "weight_decay": cfg.weight_decay},
                   {"params": matrices, "lr": cfg.head_lr, "weight_decay": cfg.weight_decay},
                   {"params": others, "lr": cfg.head_lr, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]

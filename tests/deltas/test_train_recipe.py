@@ -12,7 +12,13 @@ from taskdelta.deltas import dumps, loads, validate
 from taskdelta.deltas.data import causal_features, classify_features, load_instructions
 from taskdelta.deltas.masks import block_mask, mask_nnz, update_mask
 from taskdelta.deltas.recipe import eos_id
-from taskdelta.deltas.train import DenseExtract, TrainConfig, split_steps, train_dense_extract
+from taskdelta.deltas.train import (
+    DenseExtract,
+    SparseTaskModel,
+    TrainConfig,
+    split_steps,
+    train_dense_extract,
+)
 
 
 def runs(idx: torch.Tensor, cols: int) -> list[int]:
@@ -53,6 +59,23 @@ def test_update_mask_takes_1d_tensors_whole_from_the_same_budget():
     assert mask["bias"].tolist() == list(range(10))
     assert mask["w"].tolist() == list(range(80, 100))  # the 20 largest |update| with what is left
     assert mask_nnz(mask) == 30
+    # at a budget the 1-D tensors would fill more than half of, they compete: the budget holds
+    low = update_mask(up, 12 / 110, always=["bias"])
+    assert mask_nnz(low) == 12 and low["bias"].numel() == 0
+    assert low["w"].tolist() == list(range(88, 100))
+
+
+def test_masked_entries_of_1d_tensors_take_their_own_learning_rate(tiny_bert):
+    mask = {n: torch.arange(2) for n in ("encoder.layer.0.attention.self.query.weight",
+                                         "encoder.layer.0.attention.self.query.bias")}
+    model = SparseTaskModel(tiny_bert, "classify", ["neg", "pos"], mask)
+    by_lr = {g["lr"]: g["params"] for g in model.param_groups(TrainConfig(lr=5e-3, lr_1d=1e-3, head_lr=2e-3))}
+    flat = {tiny_bert.params[n].dim(): v for n, v in zip(model.names, model.values, strict=True)}
+    assert [id(p) for p in by_lr[5e-3]] == [id(flat[2])]
+    assert [id(p) for p in by_lr[1e-3]] == [id(flat[1])]
+    same = model.param_groups(TrainConfig(lr=5e-3, head_lr=2e-3))  # lr_1d unset: one rate for both
+    at_lr = sorted(id(p) for g in same if g["lr"] == 5e-3 for p in g["params"])
+    assert at_lr == sorted(map(id, model.values))
 
 
 def test_split_steps():
