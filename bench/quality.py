@@ -31,7 +31,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from taskdelta.deltas import Swapper, dumps, extract, load_base, loads, prepare, validate  # noqa: E402
 from taskdelta.deltas.masks import mask_from_scores  # noqa: E402
-from taskdelta.deltas.recipe import load_task_data, sparse_lr  # noqa: E402
+from taskdelta.deltas.recipe import (  # noqa: E402
+    DENSE_EXTRACT_LR,
+    DENSE_EXTRACT_LR_1D,
+    load_task_data,
+    sparse_lr,
+)
 from taskdelta.deltas.train import (  # noqa: E402
     DenseExtract,
     TrainConfig,
@@ -206,7 +211,7 @@ def run_task(base, name: str, spec: TaskSpec, args: argparse.Namespace, results:
         del merged, lm
 
     for density in args.densities if "dense-extract" in args.methods else ():
-        for block in (None, *args.blocks):
+        for block in args.blocks if args.blocks_only else (None, *args.blocks):
             t = time.perf_counter()
             trained = train_dense_extract(base, kind, data.labels, data.train,
                                           replace(common, lr=args.de_lr, lr_1d=args.de_lr_1d),
@@ -256,11 +261,14 @@ def main(argv: list[str] | None = None) -> None:
                         "(the `train` default), sparse (masks from scratch), extract (needs full)")
     p.add_argument("--dense-fraction", type=float, default=0.25,
                    help="dense-extract: share of the steps trained densely (at --full-lr)")
-    p.add_argument("--de-lr", type=float, default=1e-3, help="dense-extract: the sparse phase's lr")
-    p.add_argument("--de-lr-1d", type=float, default=None, help="dense-extract: the sparse phase's lr "
-                   "in 1-D tensors (biases, norms; default: --de-lr)")
+    p.add_argument("--de-lr", type=float, default=DENSE_EXTRACT_LR,
+                   help="dense-extract: the sparse phase's lr (matrices)")
+    p.add_argument("--de-lr-1d", type=float, default=DENSE_EXTRACT_LR_1D,
+                   help="dense-extract: the sparse phase's lr in 1-D tensors (biases, norms)")
     p.add_argument("--blocks", type=lambda s: [int(x) for x in s.split(",") if x], default=[16],
                    help="dense-extract: also run block masks of these run lengths (at each density)")
+    p.add_argument("--blocks-only", action="store_true",
+                   help="dense-extract: run only the block masks of --blocks, not single entries")
     p.add_argument("--lora-lr", type=float, default=5e-4)
     p.add_argument("--mask-batches", type=int, default=16)
     p.add_argument("--probe-epochs", type=float, default=0.0,
@@ -321,8 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     log(f"wrote {args.out}/quality.md, quality.json, quality.png in {minutes:.1f} min")
 
 
-MERGE_FREE = ("tasks", "out", "threads", "methods", "densities", "masks", "blocks", "seed", "steps",
-              "lora_lr", "lora_lrs", "commands")  # may differ between merged runs
+MERGE_FREE = ("tasks", "out", "threads", "methods", "densities", "masks", "blocks", "blocks_only", "seed",
+              "steps", "lora_lr", "lora_lrs", "commands")  # may differ between merged runs
 METHOD_SETTINGS = {  # settings only these methods read: runs that did not run one may differ there
     "dense-extract": ("de_lr", "de_lr_1d", "dense_fraction"),
     "extract": ("refit_lr", "refit_head_lr"),

@@ -43,7 +43,8 @@ PairColOpt = Annotated[str | None, typer.Option(help="TSV column of a second tex
                                                 rich_help_panel=_T)]
 LabelColOpt = Annotated[str, typer.Option(help="TSV column of the label", rich_help_panel=_T)]
 LrOpt = Annotated[float | None, typer.Option(help="Learning rate of the trained entries [default: train "
-                                             "1e-3 x 1 % / density, at most 1e-2; refit 1e-3]",
+                                             "5e-3 (dense-extract's sparse steps; --recipe scratch "
+                                             "1e-3 x 1 % / density, at most 1e-2); refit 1e-3]",
                                              rich_help_panel=_T)]
 HeadLrOpt = Annotated[float, typer.Option(help="Learning rate of the dense head", rich_help_panel=_T)]
 EpochsOpt = Annotated[int, typer.Option(help="Passes over the training split", rich_help_panel=_T)]
@@ -335,6 +336,9 @@ def train(
     pair_col: PairColOpt = None,
     label_col: LabelColOpt = "label",
     lr: LrOpt = None,
+    lr_1d: Annotated[float | None, typer.Option(
+        help="Learning rate of the trained entries in 1-D tensors (biases, norms) [default: dense-extract "
+             "1e-3; scratch: --lr]", rich_help_panel=_T)] = None,
     head_lr: HeadLrOpt = 1e-3,
     epochs: EpochsOpt = 1,
     max_steps: MaxStepsOpt = None,
@@ -350,7 +354,16 @@ def train(
     from .base import load_base
     from .format import save
     from .masks import MASK_KINDS, mask_nnz
-    from .recipe import choose_mask, default_kind, describe, load_task_data, provenance, sparse_lr
+    from .recipe import (
+        DENSE_EXTRACT_LR,
+        DENSE_EXTRACT_LR_1D,
+        choose_mask,
+        default_kind,
+        describe,
+        load_task_data,
+        provenance,
+        sparse_lr,
+    )
     from .train import (
         TRAINABLE_KINDS,
         DenseExtract,
@@ -373,8 +386,10 @@ def train(
     if mask not in MASK_KINDS:
         _fail(ValueError(f"--mask must be one of {', '.join(MASK_KINDS)}, not {mask!r}"))
     _quiet_transformers()
-    default_lr = sparse_lr(density) if recipe == "scratch" else 1e-3
-    cfg = TrainConfig(lr=lr if lr is not None else default_lr, head_lr=head_lr, epochs=epochs,
+    default_lr = sparse_lr(density) if recipe == "scratch" else DENSE_EXTRACT_LR
+    if lr_1d is None and recipe == "dense-extract":
+        lr_1d = DENSE_EXTRACT_LR_1D
+    cfg = TrainConfig(lr=lr if lr is not None else default_lr, lr_1d=lr_1d, head_lr=head_lr, epochs=epochs,
                       max_steps=max_steps, batch_size=batch_size, max_length=max_length,
                       weight_decay=weight_decay, seed=seed)
     try:

@@ -27,6 +27,9 @@ from .train import Progress, TrainConfig, Trained, gradient_scores, task_tensors
 
 DEFAULT_VAL_FRACTION, MAX_DEFAULT_VAL = 0.1, 1000
 SPARSE_LR_AT_1PCT, MAX_SPARSE_LR = 1e-3, 1e-2
+# dense-extract's sparse phase: the masked entries of matrices, and of 1-D tensors (biases, norms:
+# at the matrices' rate they diverged on QNLI); docs/quality.md's tuning notes
+DENSE_EXTRACT_LR, DENSE_EXTRACT_LR_1D = 5e-3, 1e-3
 
 
 def sparse_lr(density: float, at_1pct: float = SPARSE_LR_AT_1PCT) -> float:
@@ -126,7 +129,8 @@ def choose_mask(base: Base, data: TaskData, kind: str, density: float, cfg: Trai
 
 def provenance(cfg: TrainConfig, trained: Trained, **extra: Any) -> dict[str, Any]:
     """What a delta's metadata records about how it was trained."""
-    return {**extra, "lr": cfg.lr, "head_lr": cfg.head_lr, "steps": trained.steps,
+    lr_1d = {} if cfg.lr_1d is None else {"lr_1d": cfg.lr_1d}
+    return {**extra, "lr": cfg.lr, **lr_1d, "head_lr": cfg.head_lr, "steps": trained.steps,
             "batch_size": cfg.batch_size, "seed": cfg.seed,
             "train_loss": round(trained.train_loss, 6)}
 
