@@ -134,6 +134,7 @@ def test_cli_train_defaults_to_dense_extract_and_takes_blocks(tiny_bert_dir, tmp
         validate(delta, b)
         prov = delta.meta.provenance.model_dump()
         assert prov["method"] == "dense-extract" and prov["block"] == block and prov["steps"] == 4
+        assert (prov["lr"], prov["lr_1d"]) == (5e-3, 1e-3)  # the sparse phase's default rates
         assert delta.nnz <= round(0.01 * b.numel) + (block or 0)  # whole blocks: up to half a block over
 
 
