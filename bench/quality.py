@@ -214,7 +214,8 @@ def run_task(base, name: str, spec: TaskSpec, args: argparse.Namespace, results:
         for block in args.blocks if args.blocks_only else (None, *args.blocks):
             t = time.perf_counter()
             trained = train_dense_extract(base, kind, data.labels, data.train,
-                                          replace(common, lr=args.de_lr, lr_1d=args.de_lr_1d),
+                                          replace(common, lr=sparse_lr(density, args.de_lr),
+                                                  lr_1d=args.de_lr_1d),
                                           DenseExtract(density=density, dense_fraction=args.dense_fraction,
                                                        dense_lr=args.full_lr, block=block))
             method = "dense-extract" if block is None else "dense-extract-block"
@@ -262,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dense-fraction", type=float, default=0.25,
                    help="dense-extract: share of the steps trained densely (at --full-lr)")
     p.add_argument("--de-lr", type=float, default=DENSE_EXTRACT_LR,
-                   help="dense-extract: the sparse phase's lr (matrices)")
+                   help="dense-extract: the sparse phase's lr at 1 %% density (matrices; scaled by "
+                        "1 %% / density, at most 1e-2)")
     p.add_argument("--de-lr-1d", type=float, default=DENSE_EXTRACT_LR_1D,
                    help="dense-extract: the sparse phase's lr in 1-D tensors (biases, norms)")
     p.add_argument("--blocks", type=lambda s: [int(x) for x in s.split(",") if x], default=[16],

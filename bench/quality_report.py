@@ -370,9 +370,10 @@ seed (a method minus full fine-tuning on the same split), then averaged over tas
 - `train (default)` = `taskdelta delta train`'s default recipe, dense-extract: the first
   {getattr(args, "dense_fraction", 0.25):.0%} of the steps train every entry at {args.full_lr:g}, then
   the top entries of |w - w0| at the density (biases and LayerNorms always in) are kept and trained
-  from their dense values for the remaining steps at {getattr(args, "de_lr", 1e-3):g} (entries of
-  matrices) and {getattr(args, "de_lr_1d", None) or getattr(args, "de_lr", 1e-3):g} (biases and
-  norms; head {args.head_lr:g}). `blocks of 16`: the same with the mask chosen in runs of 16 along a row.
+  from their dense values for the remaining steps at {getattr(args, "de_lr", 1e-3):g} x (1 % /
+  density), at most 1e-2 (entries of matrices), and
+  {getattr(args, "de_lr_1d", None) or getattr(args, "de_lr", 1e-3):g} (biases and norms; head
+  {args.head_lr:g}). `blocks of 16`: the same with the mask chosen in runs of 16 along a row.
 - `PEFT LoRA`: peft's LoRA on every linear of the encoder and the pooler, rank chosen so its trainable
   entries come closest to a {args.extract_density:.0%} delta's, alpha = 2 x rank, lr
   {lora_lr(args)}, the head trained beside it; scored merged, as a dense delta.

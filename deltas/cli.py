@@ -43,8 +43,9 @@ PairColOpt = Annotated[str | None, typer.Option(help="TSV column of a second tex
                                                 rich_help_panel=_T)]
 LabelColOpt = Annotated[str, typer.Option(help="TSV column of the label", rich_help_panel=_T)]
 LrOpt = Annotated[float | None, typer.Option(help="Learning rate of the trained entries [default: train "
-                                             "5e-3 (dense-extract's sparse steps; --recipe scratch "
-                                             "1e-3 x 1 % / density, at most 1e-2); refit 1e-3]",
+                                             "5e-3 x 1 % / density (dense-extract's sparse steps; "
+                                             "--recipe scratch 1e-3 x 1 % / density), at most 1e-2; "
+                                             "refit 1e-3]",
                                              rich_help_panel=_T)]
 HeadLrOpt = Annotated[float, typer.Option(help="Learning rate of the dense head", rich_help_panel=_T)]
 EpochsOpt = Annotated[int, typer.Option(help="Passes over the training split", rich_help_panel=_T)]
@@ -357,6 +358,7 @@ def train(
     from .recipe import (
         DENSE_EXTRACT_LR,
         DENSE_EXTRACT_LR_1D,
+        SPARSE_LR_AT_1PCT,
         choose_mask,
         default_kind,
         describe,
@@ -386,7 +388,7 @@ def train(
     if mask not in MASK_KINDS:
         _fail(ValueError(f"--mask must be one of {', '.join(MASK_KINDS)}, not {mask!r}"))
     _quiet_transformers()
-    default_lr = sparse_lr(density) if recipe == "scratch" else DENSE_EXTRACT_LR
+    default_lr = sparse_lr(density, SPARSE_LR_AT_1PCT if recipe == "scratch" else DENSE_EXTRACT_LR)
     if lr_1d is None and recipe == "dense-extract":
         lr_1d = DENSE_EXTRACT_LR_1D
     cfg = TrainConfig(lr=lr if lr is not None else default_lr, lr_1d=lr_1d, head_lr=head_lr, epochs=epochs,
