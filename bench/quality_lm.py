@@ -60,7 +60,7 @@ from taskdelta.server.jobs import GenerateJob  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "instructions" / "train.jsonl"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RECIPE_FILES = ("deltas/train.py", "deltas/recipe.py", "deltas/masks.py", "deltas/cli.py")
+RECIPE_FILES = ("deltas/train.py", "deltas/recipe.py", "deltas/masks.py", "deltas/cli_train.py")
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from taskdelta.client.cli import DELTA_COMMANDS
 from taskdelta.client.cli import app as top_app
-from taskdelta.deltas import DeltaRejected, random_delta, save, validate
+from taskdelta.deltas import DeltaRejected, cli_train, random_delta, save, validate
 from taskdelta.deltas import cli as delta_cli
 
 
@@ -63,9 +63,9 @@ def test_short_mask_warns(capsys):
     class FakeBase:
         numel = 1000
 
-    delta_cli._warn_short_mask(5, 0.01, FakeBase())  # type: ignore[arg-type]
+    cli_train.warn_short_mask(5, 0.01, FakeBase())  # type: ignore[arg-type]
     assert "only 5 entries could be chosen, fewer than the 10" in capsys.readouterr().err
-    delta_cli._warn_short_mask(10, 0.01, FakeBase())  # type: ignore[arg-type]
+    cli_train.warn_short_mask(10, 0.01, FakeBase())  # type: ignore[arg-type]
     assert capsys.readouterr().err == ""
 
 
