@@ -81,7 +81,7 @@ def test_a_task_where_full_fine_tuning_is_not_clearly_past_chance_is_set_apart(q
     assert qr.uninformative(rs, {"a": 0.0, "b": 50.0, "c": 50.0, "d": 50.0}) == ["a", "c", "d"]
 
 
-def test_merge_compares_only_the_settings_both_runs_read(qr, tmp_path: Path) -> None:
+def test_merge_compares_only_the_settings_both_runs_read(qr, tmp_path: Path, monkeypatch) -> None:
     # a rerun of the sparse columns at another --de-lr merges with the full / LoRA run it did not change
     q = bench_module("quality")
     template = json.loads((Path(__file__).parents[2] / "docs" / "quality.json").read_text())["args"]
@@ -97,11 +97,13 @@ def test_merge_compares_only_the_settings_both_runs_read(qr, tmp_path: Path) -> 
                 [result(qr, "sst2", "full", 88, 0), result(qr, "sst2", "lora", 86, 0)], de_lr=1e-3,
                 lora_lrs={"sst2": 5e-4})
     sparse = run("sparse", ["dense-extract"], [result(qr, "sst2", "dense-extract", 87, 0)], de_lr=3e-3)
+    written = {}  # what the report would be rendered from (rendering reads the task files)
+    monkeypatch.setattr(q, "write_report",
+                        lambda out, results, args, *_: written.update(results=results, args=args))
     q.merge([dense, sparse], tmp_path / "out")
-    merged = json.loads((tmp_path / "out" / "quality.json").read_text())
-    assert merged["args"]["de_lr"] == 3e-3  # from the run that trained dense-extract
-    assert len(merged["results"]) == 3
-    assert merged["args"]["lora_lrs"] == {"sst2": 5e-4}  # a merged run's own per-task rates, kept
+    assert written["args"].de_lr == 3e-3  # from the run that trained dense-extract
+    assert len(written["results"]) == 3
+    assert written["args"].lora_lrs == {"sst2": 5e-4}  # a merged run's own per-task rates, kept
     other = run("other", ["dense-extract"], [result(qr, "sst2", "dense-extract", 85, 1)], de_lr=1e-3)
     with pytest.raises(SystemExit, match="de_lr"):  # two dense-extract runs at different rates
         q.merge([dense, sparse, other], tmp_path / "out2")
