@@ -153,10 +153,11 @@ def update_mask(updates: dict[str, torch.Tensor], density: float, always: Sequen
     _check_density(density)
     total = sum(u.numel() for u in updates.values())
     whole = {n: torch.nonzero(updates[n].reshape(-1)).reshape(-1) for n in always if n in updates}
-    if 2 * sum(int(i.numel()) for i in whole.values()) > round(density * total):
-        whole = {}
+    budget, taken = round(density * total), sum(int(i.numel()) for i in whole.values())
+    if 2 * taken > budget:
+        whole, taken = {}, 0
     rest = {n: u.detach().abs() for n, u in updates.items() if n not in whole}
-    budget = round(density * total) - sum(int(i.numel()) for i in whole.values())
+    budget -= taken
     if budget <= 0 or not rest:
         return whole
     share = min(1.0, budget / sum(u.numel() for u in rest.values()))
