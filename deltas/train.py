@@ -173,11 +173,11 @@ class SparseTaskModel:
     def param_groups(self, cfg: TrainConfig) -> list[dict]:
         matrices = [p for p in self.head.values() if p.dim() > 1]
         others = [p for p in self.head.values() if p.dim() <= 1]
-        flat = {id(v) for n, v in zip(self.names, self.values, strict=True) if self.base.params[n].dim() == 1}
+        one_d = [self.base.params[n].dim() == 1 for n in self.names]
         lr_1d = cfg.lr if cfg.lr_1d is None else cfg.lr_1d
-        groups = [{"params": [v for v in self.values if id(v) not in flat], "lr": cfg.lr,
+        groups = [{"params": [v for v, f in zip(self.values, one_d, strict=True) if not f], "lr": cfg.lr,
                    "weight_decay": cfg.weight_decay},
-                  {"params": [v for v in self.values if id(v) in flat], "lr": lr_1d,
+                  {"params": [v for v, f in zip(self.values, one_d, strict=True) if f], "lr": lr_1d,
                    "weight_decay": cfg.weight_decay},
                   {"params": matrices, "lr": cfg.head_lr, "weight_decay": cfg.weight_decay},
                   {"params": others, "lr": cfg.head_lr, "weight_decay": 0.0}]
